@@ -1,0 +1,44 @@
+"""The ClientApp: trains its client half on its own partition of the digits, through the split server."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from splitfed import split_model, train_client_half
+
+from .config import AppConfig
+from .task import IMAGE_SHAPE, digits_cnn, partition_loader
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round: every batch of the local epochs goes through the split server."""
+    config = AppConfig.from_run_config(context.run_config)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    server_round = int(msg.content.config_records["splitfed"]["server-round"])
+    train_loader = partition_loader(
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        batch_size=config.batch_size,
+        partitioner=config.partitioner,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+        # A different order each round, the same in every run with this seed.
+        shuffle_seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
+        test_fraction=config.test_fraction,
+    )
+    split = split_model(digits_cnn(), cut=config.cut, sample_input=torch.zeros(2, *IMAGE_SHAPE))
+    return train_client_half(
+        msg,
+        context,
+        client_half=split.client_half,
+        train_loader=train_loader,
+        optimizer=config.client_optimizer,
+        local_epochs=config.local_epochs,
+        reset_optimizer=config.reset_client_optimizer,
+    )

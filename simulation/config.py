@@ -1,0 +1,96 @@
+"""The app's run config: ``[tool.flwr.app.config]`` in pyproject.toml, read into one dataclass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from splitfed import OptimizerConfig, Variant
+
+__all__ = ["AppConfig"]
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Every run-config key of the digits app; the README's run-config table documents them."""
+
+    variant: str = Variant.V1
+    num_server_rounds: int = 10
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    merge_every: int = 1
+    cut: str = "pool"
+    batch_size: int = 32
+    local_epochs: int = 1
+    reset_client_optimizer: bool = False
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    test_fraction: float = 0.2
+    seed: int = 0
+    split_server_address: str = "127.0.0.1:0"
+    split_server_advertised_address: str = ""
+    output_dir: str = ""
+    client_optimizer: OptimizerConfig = OptimizerConfig()
+    server_optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self) -> None:
+        Variant.validate(self.variant)
+        problems = [
+            f"{name}={value} must be at least 1"
+            for name, value in (
+                ("num-server-rounds", self.num_server_rounds),
+                ("batch-size", self.batch_size),
+                ("local-epochs", self.local_epochs),
+                ("merge-every", self.merge_every),
+            )
+            if value < 1
+        ]
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        if self.partitioner not in ("iid", "dirichlet"):
+            problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
+        if not self.dirichlet_alpha > 0:
+            problems.append(f"dirichlet-alpha={self.dirichlet_alpha} must be positive")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
+        """Build from a Flower run config; unknown keys are refused, absent ones default."""
+        optimizer_keys = {
+            f"{side}-{key}"
+            for side in ("client", "server")
+            for key in ("optimizer", "lr", "momentum", "weight-decay")
+        }
+        simple = {f.name for f in fields(cls)} - {"client_optimizer", "server_optimizer"}
+        unknown = set(run_config) - optimizer_keys - {n.replace("_", "-") for n in simple}
+        if unknown:
+            raise ValueError(
+                f"unknown run-config keys: {sorted(unknown)}; the keys are listed under "
+                "[tool.flwr.app.config] in pyproject.toml"
+            )
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if f.name in simple and key in run_config:
+                values[f.name] = _coerce(key, run_config[key], type(f.default))
+        return cls(
+            **values,
+            client_optimizer=OptimizerConfig.from_run_config(run_config, prefix="client-"),
+            server_optimizer=OptimizerConfig.from_run_config(run_config, prefix="server-"),
+        )
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+    else:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"run-config key {key!r} should be {kind.__name__}, got {value!r}")

@@ -1,0 +1,38 @@
+"""flwr-splitfed: SplitFed (split learning with federated averaging) for Flower, on PyTorch.
+
+The core library: cutting a model, the client's training loop, the split server and its wire
+format, and the server-half update rules. Flower strategies live in :mod:`strategies`.
+"""
+
+from .client import DataPlaneTicket, TrainStats, run_local_epochs, train_client_half
+from .config import OptimizerConfig, Variant
+from .cut import CutError, SplitModel, join_halves, split_model
+from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
+from .server import BatchError, RoundStats, SplitServer, round_token
+from .server_half import SFLV1Trainer, SFLV2Trainer, ServerHalfTrainer, StepResult, make_trainer
+
+__all__ = [
+    "BatchError",
+    "CutError",
+    "DataPlane",
+    "DataPlaneTicket",
+    "Exchange",
+    "GrpcDataPlane",
+    "OptimizerConfig",
+    "RoundStats",
+    "SFLV1Trainer",
+    "SFLV2Trainer",
+    "ServerHalfTrainer",
+    "SplitModel",
+    "SplitServer",
+    "SplitServerError",
+    "StepResult",
+    "TrainStats",
+    "Variant",
+    "join_halves",
+    "make_trainer",
+    "round_token",
+    "run_local_epochs",
+    "split_model",
+    "train_client_half",
+]

@@ -1,0 +1,229 @@
+"""The client side: local epochs of the client half, driven through the data plane.
+
+:func:`train_client_half` is what a ``ClientApp`` calls from its ``@app.train()`` handler: one
+Flower ``train`` message carries the whole local training of a round. :func:`run_local_epochs` is
+the training loop itself, independent of Flower.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
+from .config import OptimizerConfig, load_optimizer_state, save_optimizer_state
+from .dataplane import DataPlane, GrpcDataPlane
+
+__all__ = ["DataPlaneTicket", "TrainStats", "run_local_epochs", "train_client_half"]
+
+# Keys of what the plugin adds to Flower messages and to a node's context.state.
+TICKET_KEY = "splitfed"
+STATE_OPTIMIZER_KEY = "splitfed.client-optimizer"
+STATE_CLIENT_HALF_KEY = "splitfed.client-half"
+
+
+@dataclass(frozen=True)
+class DataPlaneTicket:
+    """What a client needs from the strategy to take part in a round's data plane.
+
+    It travels as a ``ConfigRecord`` under the key ``"splitfed"`` in each ``train`` message.
+    """
+
+    address: str
+    token: str
+    server_round: int
+    resume_local: bool = False
+    """Train from this client's own client half of its last round, not the message's arrays."""
+    send_client_half: bool = True
+    """Reply with the client half; false in rounds after which client halves are not merged."""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                "address": self.address,
+                "token": self.token,
+                "server-round": self.server_round,
+                "resume-local": self.resume_local,
+                "send-client-half": self.send_client_half,
+            }
+        )
+
+    @classmethod
+    def from_message(cls, msg: Message) -> DataPlaneTicket:
+        if TICKET_KEY not in msg.content.config_records:
+            raise ValueError(
+                "the train message has no 'splitfed' record: it was not sent by a SplitFed "
+                "strategy. Use strategies.SplitFed in the ServerApp"
+            )
+        record = msg.content.config_records[TICKET_KEY]
+        return cls(
+            address=str(record["address"]),
+            token=str(record["token"]),
+            server_round=int(record["server-round"]),
+            resume_local=bool(record["resume-local"]),
+            send_client_half=bool(record["send-client-half"]),
+        )
+
+
+@dataclass
+class TrainStats:
+    """What a client's local training did."""
+
+    num_examples: int = 0
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> MetricRecord:
+        """The reply's metrics; ``num-examples`` weights FedAvg."""
+        n = max(self.num_examples, 1)
+        return MetricRecord(
+            {
+                "num-examples": self.num_examples,
+                "train-loss": self.loss_sum / n,
+                "train-accuracy": self.correct / n,
+                "steps": self.steps,
+                "train-seconds": self.seconds,
+            }
+        )
+
+
+def run_local_epochs(
+    *,
+    client_half: nn.Module,
+    data_plane: DataPlane,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    local_epochs: int = 1,
+    proximal_mu: float = 0.0,
+) -> TrainStats:
+    """Train ``client_half`` for ``local_epochs`` over ``train_loader`` through ``data_plane``.
+
+    For each batch: forward the client half, send the activations and labels, receive the
+    gradient at the cut, backpropagate it through the graph kept from the forward pass, and step
+    ``optimizer``. With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_start||^2`` is
+    added to the client half's loss, ``w_start`` being the weights it started the round with.
+    """
+    if local_epochs < 1:
+        raise ValueError(f"local_epochs must be at least 1; got {local_epochs}")
+    device = next(client_half.parameters()).device
+    start_weights = (
+        [p.detach().clone() for p in client_half.parameters()] if proximal_mu > 0 else []
+    )
+    stats = TrainStats()
+    started = time.perf_counter()
+    client_half.train()
+    for _ in range(local_epochs):
+        for inputs, labels in train_loader:
+            if len(labels) == 0:
+                continue
+            stats.steps += 1
+            activations = client_half(inputs.to(device))
+            reply = data_plane.exchange(stats.steps, activations.detach(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            activations.backward(reply.cut_gradient.to(device))
+            if proximal_mu > 0:
+                for param, start in zip(client_half.parameters(), start_weights, strict=True):
+                    if param.grad is not None:
+                        param.grad.add_(param.detach() - start, alpha=proximal_mu)
+            optimizer.step()
+            stats.num_examples += len(labels)
+            stats.loss_sum += reply.loss * len(labels)
+            stats.correct += reply.correct
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def train_client_half(
+    msg: Message,
+    context: Context,
+    *,
+    client_half: nn.Module,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: OptimizerConfig,
+    local_epochs: int = 1,
+    reset_optimizer: bool = False,
+) -> Message:
+    """Handle one SplitFed ``train`` message: load, train through the split server, reply.
+
+    Call it from a ``ClientApp``'s ``@app.train()`` handler. The reply holds the updated client
+    half (one ``ArrayRecord``) and a ``MetricRecord`` with ``num-examples``, so any Flower
+    aggregation strategy accepts it.
+
+    Parameters
+    ----------
+    msg : Message
+        The ``train`` message from a SplitFed strategy.
+    context : Context
+        This node's context; the optimizer state persists in ``context.state``.
+    client_half : nn.Module
+        A module with the client half's architecture; its weights are replaced by the message's.
+    train_loader : Iterable[tuple[Tensor, Tensor]]
+        This client's training batches, ``(inputs, labels)``.
+    optimizer : OptimizerConfig
+        The client-half optimizer.
+    local_epochs : int (default: 1)
+        Passes over ``train_loader`` per round.
+    reset_optimizer : bool (default: False)
+        Start each round with a fresh optimizer instead of the state kept from the last round.
+    """
+    ticket = DataPlaneTicket.from_message(msg)
+    arrays = _single_array_record(msg)
+    if ticket.resume_local and STATE_CLIENT_HALF_KEY in context.state.array_records:
+        arrays = context.state.array_records[STATE_CLIENT_HALF_KEY]
+    client_half.load_state_dict(arrays.to_torch_state_dict())
+
+    torch_optimizer = optimizer.build(client_half.parameters())
+    saved = context.state.config_records.get(STATE_OPTIMIZER_KEY)
+    if saved is not None and not reset_optimizer:
+        load_optimizer_state(torch_optimizer, saved["state"])
+
+    # FedProx as the client-half aggregator puts "proximal-mu" into the round's config.
+    proximal_mu = next(
+        (
+            float(record["proximal-mu"])
+            for key, record in msg.content.config_records.items()
+            if key != TICKET_KEY and "proximal-mu" in record
+        ),
+        0.0,
+    )
+    with GrpcDataPlane(
+        address=ticket.address,
+        node_id=msg.metadata.dst_node_id,
+        server_round=ticket.server_round,
+        token=ticket.token,
+    ) as data_plane:
+        stats = run_local_epochs(
+            client_half=client_half,
+            data_plane=data_plane,
+            train_loader=train_loader,
+            optimizer=torch_optimizer,
+            local_epochs=local_epochs,
+            proximal_mu=proximal_mu,
+        )
+
+    updated = ArrayRecord(client_half.state_dict())
+    context.state[STATE_OPTIMIZER_KEY] = ConfigRecord(
+        {"state": save_optimizer_state(torch_optimizer)}
+    )
+    if not ticket.send_client_half:
+        context.state[STATE_CLIENT_HALF_KEY] = updated
+    elif STATE_CLIENT_HALF_KEY in context.state.array_records:
+        del context.state[STATE_CLIENT_HALF_KEY]
+    reply_arrays = updated if ticket.send_client_half else ArrayRecord()
+    return Message(RecordDict({"arrays": reply_arrays, "metrics": stats.metrics()}), reply_to=msg)
+
+
+def _single_array_record(msg: Message) -> ArrayRecord:
+    records = msg.content.array_records
+    if len(records) != 1:
+        raise ValueError(
+            f"the train message should carry exactly one ArrayRecord (the global client half); "
+            f"it carries {len(records)}: {sorted(records)}"
+        )
+    return next(iter(records.values()))

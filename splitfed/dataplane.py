@@ -1,0 +1,159 @@
+"""The client's end of the data plane.
+
+The training loop talks to the split server through :class:`DataPlane`: send one batch's
+activations and labels, get the gradient at the cut back. :class:`GrpcDataPlane` is the gRPC
+transport; another transport only has to implement :meth:`DataPlane.exchange`.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import torch
+
+from .server import (
+    GRPC_OPTIONS,
+    METADATA_NODE,
+    METADATA_ROUND,
+    METADATA_TOKEN,
+    TRAIN_METHOD,
+)
+from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
+
+__all__ = ["DataPlane", "Exchange", "GrpcDataPlane", "SplitServerError"]
+
+
+class SplitServerError(RuntimeError):
+    """The split server refused a batch or the stream, or could not be reached."""
+
+
+@dataclass
+class Exchange:
+    """The split server's answer to one batch."""
+
+    cut_gradient: torch.Tensor
+    loss: float
+    correct: int
+
+
+class DataPlane(Protocol):
+    """What the client training loop needs from a transport."""
+
+    bytes_sent: int
+    bytes_received: int
+
+    def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
+        """Send one batch; return the gradient at the cut for it."""
+        ...
+
+    def close(self) -> None:
+        """End the stream."""
+        ...
+
+
+class GrpcDataPlane:
+    """One gRPC bidirectional stream to the split server, for one client and one round.
+
+    Parameters
+    ----------
+    address : str
+        The split server's ``host:port``.
+    node_id : int
+        This client's Flower node id.
+    server_round : int
+        The round the credential is valid for.
+    token : str
+        The per-round credential from Flower's ``train`` message.
+    connect_timeout : float (default: 30.0)
+        Seconds to wait for the split server to accept the connection.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str,
+        node_id: int,
+        server_round: int,
+        token: str,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.address = address
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise SplitServerError(
+                f"could not reach the split server at {address} within {connect_timeout:.0f} s; "
+                "check that the ServerApp is running and that this address is reachable from "
+                "the client (set split-server-advertised-address if it is not)"
+            ) from None
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        call = self._channel.stream_stream(TRAIN_METHOD)
+        self._replies = call(
+            iter(self._outbox.get, None),
+            metadata=(
+                (METADATA_NODE, str(node_id)),
+                (METADATA_ROUND, str(server_round)),
+                (METADATA_TOKEN, token),
+            ),
+        )
+
+    def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
+        request = encode_frame(
+            Frame(FrameKind.FORWARD, step, tensors={"activations": activations, "labels": labels})
+        )
+        self._outbox.put(request)
+        self.bytes_sent += len(request)
+        try:
+            data = next(self._replies)
+        except grpc.RpcError as err:
+            raise SplitServerError(
+                f"the split server at {self.address} ended the stream at step {step}: "
+                f"{err.code().name}: {err.details()}"
+            ) from None
+        except StopIteration:
+            raise SplitServerError(
+                f"the split server at {self.address} closed the stream at step {step}"
+            ) from None
+        self.bytes_received += len(data)
+        try:
+            reply = decode_frame(data)
+        except WireFormatError as err:
+            raise SplitServerError(f"unreadable reply from the split server: {err}") from err
+        if reply.kind == FrameKind.ERROR:
+            raise SplitServerError(
+                f"the split server refused step {step}: {reply.scalars.get('error', '?')}"
+            )
+        if reply.kind != FrameKind.BACKWARD or reply.step != step or "gradient" not in reply.tensors:
+            raise SplitServerError(
+                f"expected the gradient for step {step}, got a {reply.kind!r} frame for step "
+                f"{reply.step}"
+            )
+        gradient = reply.tensors["gradient"]
+        if gradient.shape != activations.shape:
+            raise SplitServerError(
+                f"the gradient has shape {tuple(gradient.shape)}, the activations "
+                f"{tuple(activations.shape)}"
+            )
+        return Exchange(
+            cut_gradient=gradient,
+            loss=float(reply.scalars.get("loss", float("nan"))),
+            correct=int(reply.scalars.get("correct", 0)),
+        )
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._replies.cancel()
+        self._channel.close()
+
+    def __enter__(self) -> GrpcDataPlane:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,290 @@
+"""The split server: a gRPC service that runs the server half for every batch.
+
+Each selected client opens one bidirectional stream per round and sends FORWARD frames
+(step, activations, labels); for each it gets back a BACKWARD frame (the gradient at the cut, the
+loss) or an ERROR frame that says why the batch was refused. A bad batch is answered on its own
+stream only; every other client keeps being served.
+
+Streams authenticate with a token derived from a per-run secret, the round and the node id
+(HMAC-SHA256); it reaches the client inside Flower's ``train`` message, and only nodes selected
+for the current round hold a valid one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+import grpc
+import torch
+
+from .server_half import ServerHalfTrainer
+from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
+
+__all__ = ["BatchError", "RoundStats", "SplitServer", "round_token"]
+
+logger = logging.getLogger("flwr_splitfed")
+
+SERVICE = "splitfed.SplitServer"
+TRAIN_METHOD = f"/{SERVICE}/Train"
+METADATA_NODE = "splitfed-node-id"
+METADATA_ROUND = "splitfed-round"
+METADATA_TOKEN = "splitfed-token"
+# Activations of large batches exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 1 << 30
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class BatchError(ValueError):
+    """A batch does not match what the server half expects."""
+
+
+def round_token(secret: bytes, server_round: int, node_id: int) -> str:
+    """Return the data-plane credential of ``node_id`` for ``server_round``."""
+    return hmac.new(secret, f"{server_round}:{node_id}".encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass
+class RoundStats:
+    """What crossed the data plane in one round."""
+
+    server_round: int
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    batches: int = 0
+    refused_batches: int = 0
+    refused_streams: int = 0
+    examples_by_node: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def data_plane_bytes(self) -> int:
+        """Bytes in both directions."""
+        return self.bytes_received + self.bytes_sent
+
+
+class SplitServer:
+    """Serves the server half to clients over gRPC, one stream per client per round.
+
+    Parameters
+    ----------
+    trainer : ServerHalfTrainer
+        Applies the variant's update rule to each batch.
+    activation_shape : tuple[int, ...]
+        Shape of one example's cut-layer activations; other shapes are refused.
+    activation_dtype : torch.dtype (default: torch.float32)
+        Dtype of the activations; other dtypes are refused.
+    address : str (default: "127.0.0.1:0")
+        Where to listen, ``host:port``; port 0 picks a free one.
+    advertised_address : str | None (default: None)
+        The address clients dial. ``None`` means the bound address; when binding to all
+        interfaces (``0.0.0.0``), this host's name is advertised: set it when clients reach the
+        server through another name or address.
+    max_streams : int (default: 64)
+        Most concurrent client streams; one more is refused with RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(
+        self,
+        *,
+        trainer: ServerHalfTrainer,
+        activation_shape: tuple[int, ...],
+        activation_dtype: torch.dtype = torch.float32,
+        address: str = "127.0.0.1:0",
+        advertised_address: str | None = None,
+        max_streams: int = 64,
+    ) -> None:
+        self.trainer = trainer
+        self.activation_shape = tuple(activation_shape)
+        self.activation_dtype = activation_dtype
+        self.bind_address = address
+        self._advertised = advertised_address or None
+        self.max_streams = max_streams
+        self._secret = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._round = 0
+        self._selected: frozenset[int] = frozenset()
+        self._stats = RoundStats(server_round=0)
+        self._server: grpc.Server | None = None
+        self.address: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start serving; return the address clients should dial."""
+        if self._server is not None:
+            raise RuntimeError("the split server is already running; call stop() first")
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=self.max_streams, thread_name_prefix="split-server"),
+            options=GRPC_OPTIONS,
+            maximum_concurrent_rpcs=self.max_streams,
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Train": grpc.stream_stream_rpc_method_handler(self._serve_stream)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        host = self.bind_address.rsplit(":", 1)[0]
+        try:
+            port = server.add_insecure_port(self.bind_address)
+        except RuntimeError as err:
+            raise OSError(
+                f"the split server cannot listen on {self.bind_address!r}: {err}. "
+                "Choose a free port, or port 0 for any free one"
+            ) from err
+        server.start()
+        self._server = server
+        if self._advertised:
+            self.address = self._advertised
+        elif host in ("0.0.0.0", "[::]", ""):
+            self.address = f"{socket.gethostname()}:{port}"
+        else:
+            self.address = f"{host}:{port}"
+        logger.info("Split server listening on %s (clients dial %s)", self.bind_address, self.address)
+        return self.address
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving and release the trainer's threads."""
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        self.trainer.close()
+
+    def __enter__(self) -> SplitServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- rounds ---------------------------------------------------------------------------------
+
+    def open_round(self, server_round: int, node_ids: list[int]) -> dict[int, str]:
+        """Admit ``node_ids`` for ``server_round``; return each node's credential."""
+        with self._lock:
+            self._round = server_round
+            self._selected = frozenset(node_ids)
+            self._stats = RoundStats(server_round=server_round)
+        self.trainer.begin_round(list(node_ids))
+        return {node_id: round_token(self._secret, server_round, node_id) for node_id in node_ids}
+
+    def close_round(self) -> RoundStats:
+        """Stop admitting streams for the current round and return its statistics."""
+        with self._lock:
+            self._selected = frozenset()
+            stats = self._stats
+        stats.examples_by_node = dict(self.trainer.examples_by_node)
+        return stats
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    def _authenticate(self, context: grpc.ServicerContext) -> int:
+        metadata = dict(context.invocation_metadata())
+        try:
+            node_id = int(metadata[METADATA_NODE])
+            server_round = int(metadata[METADATA_ROUND])
+            token = str(metadata[METADATA_TOKEN])
+        except (KeyError, ValueError):
+            self._refuse(context, "?", "the stream carries no valid credential metadata")
+        with self._lock:
+            current_round, selected = self._round, self._selected
+        expected = round_token(self._secret, server_round, node_id)
+        if not hmac.compare_digest(expected, token):
+            self._refuse(context, node_id, "the credential is not valid for this run")
+        if server_round != current_round or node_id not in selected:
+            self._refuse(
+                context, node_id, f"node is not selected for round {server_round} "
+                f"(current round: {current_round})"
+            )
+        return node_id
+
+    def _refuse(self, context: grpc.ServicerContext, node_id: object, reason: str) -> NoReturn:
+        with self._lock:
+            self._stats.refused_streams += 1
+        logger.warning("Split server refused a stream from node %s: %s", node_id, reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"split server refused the stream: {reason}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _serve_stream(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        node_id = self._authenticate(context)
+        expected_step = 1
+        for data in requests:
+            step = expected_step
+            try:
+                frame = decode_frame(data)
+                step = frame.step
+                activations, labels = self.validate_batch(frame, expected_step=expected_step)
+                try:
+                    result = self.trainer.step(node_id, activations, labels)
+                except Exception as err:  # the server half itself failed on this batch
+                    raise BatchError(f"the server half failed on this batch: {err}") from err
+                reply = Frame(
+                    FrameKind.BACKWARD,
+                    step,
+                    tensors={"gradient": result.cut_gradient},
+                    scalars={"loss": result.loss, "correct": result.correct},
+                )
+                expected_step += 1
+                refused = 0
+            except (WireFormatError, BatchError) as err:
+                logger.warning("Split server refused step %s from node %s: %s", step, node_id, err)
+                reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
+                refused = 1
+            encoded = encode_frame(reply)
+            with self._lock:
+                self._stats.bytes_received += len(data)
+                self._stats.bytes_sent += len(encoded)
+                self._stats.batches += 1 - refused
+                self._stats.refused_batches += refused
+            yield encoded
+
+    def validate_batch(
+        self, frame: Frame, *, expected_step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return a FORWARD frame's activations and labels, or raise :class:`BatchError`."""
+        if frame.kind != FrameKind.FORWARD:
+            raise BatchError(f"expected a {FrameKind.FORWARD!r} frame, got {frame.kind!r}")
+        if frame.step != expected_step:
+            raise BatchError(
+                f"expected step {expected_step}, got {frame.step}: steps on a stream are "
+                "numbered 1, 2, 3, ... with none skipped or repeated"
+            )
+        missing = {"activations", "labels"} - frame.tensors.keys()
+        if missing:
+            raise BatchError(f"the batch lacks {', '.join(sorted(missing))}")
+        activations, labels = frame.tensors["activations"], frame.tensors["labels"]
+        if activations.dtype != self.activation_dtype:
+            raise BatchError(
+                f"activations are {activations.dtype}, the server half expects "
+                f"{self.activation_dtype}; cast the client half's output before sending"
+            )
+        if activations.dim() < 1 or tuple(activations.shape[1:]) != self.activation_shape:
+            raise BatchError(
+                f"activations have shape {tuple(activations.shape)}, the server half expects "
+                f"(batch, {', '.join(map(str, self.activation_shape))}); check that the client "
+                "runs the same client half and cut as the server"
+            )
+        if labels.dim() < 1 or labels.shape[0] != activations.shape[0]:
+            raise BatchError(
+                f"{activations.shape[0]} activations came with labels of shape "
+                f"{tuple(labels.shape)}; send one label per example"
+            )
+        if activations.shape[0] == 0:
+            raise BatchError("the batch is empty; skip empty batches on the client")
+        if not bool(torch.isfinite(activations).all()):
+            raise BatchError(
+                "activations contain NaN or infinity; the client half diverged or its input is "
+                "not finite: lower the learning rate or check the data"
+            )
+        return activations, labels

@@ -1,0 +1,194 @@
+"""How the split server updates the server half: SFLV1 and SFLV2.
+
+A trainer takes one batch of cut-layer activations and labels at a time, runs the server half
+forward and backward, steps the server-half optimizer, and returns the gradient at the cut.
+The optimizers are built once and keep their state across batches and rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, Variant
+
+__all__ = [
+    "LossFn",
+    "SFLV1Trainer",
+    "SFLV2Trainer",
+    "ServerHalfTrainer",
+    "StepResult",
+    "make_trainer",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    """What one server-half step returns to the client."""
+
+    cut_gradient: torch.Tensor
+    loss: float
+    correct: int
+
+
+class ServerHalfTrainer(ABC):
+    """Runs the server half for every batch the split server receives.
+
+    Parameters
+    ----------
+    server_half : nn.Module
+        The global server half. The trainer owns it from here on and updates it in place.
+    optimizer : OptimizerConfig
+        The server-half optimizer.
+    loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
+        Loss of the server half's output against the labels; must average over the batch, like
+        the unsplit model's training would. ``None`` means ``nn.CrossEntropyLoss()``.
+    device : str | torch.device (default: "cpu")
+        Where the server half runs. Activations arrive on the CPU and are moved there.
+    """
+
+    variant: str
+
+    def __init__(
+        self,
+        *,
+        server_half: nn.Module,
+        optimizer: OptimizerConfig,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.server_half = server_half.to(self.device).train()
+        self.optimizer_config = optimizer
+        self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self._counts_lock = threading.Lock()
+        self.steps_by_node: dict[int, int] = {}
+        self.examples_by_node: dict[int, int] = {}
+
+    def begin_round(self, node_ids: list[int]) -> None:
+        """Prepare for a round in which ``node_ids`` stream batches."""
+        with self._counts_lock:
+            self.steps_by_node = {node_id: 0 for node_id in node_ids}
+            self.examples_by_node = {node_id: 0 for node_id in node_ids}
+
+    def step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """Train the server half on one batch from ``node_id``; return the gradient at the cut."""
+        result = self._step(node_id, activations, labels)
+        with self._counts_lock:
+            self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
+            self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + len(labels)
+        return result
+
+    @abstractmethod
+    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """Variant-specific update for one batch."""
+
+    def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
+        """Return the server-half copies of ``node_ids`` to be averaged; none for one shared half."""
+        return {}
+
+    def load_merged(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Make ``state`` (the average of :meth:`client_copies`) the global server half."""
+        self.server_half.load_state_dict(state)
+
+    def close(self) -> None:
+        """Release threads the trainer holds."""
+
+    def _train_on_batch(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> StepResult:
+        """Forward, backward and one optimizer step of ``module``: the one update rule."""
+        activations = activations.to(self.device).requires_grad_(True)
+        labels = labels.to(self.device)
+        outputs = module(activations)
+        loss = self.loss_fn(outputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        correct = int((outputs.detach().argmax(dim=1) == labels).sum()) if outputs.dim() == 2 else 0
+        return StepResult(cut_gradient=activations.grad.cpu(), loss=float(loss), correct=correct)
+
+
+class SFLV1Trainer(ServerHalfTrainer):
+    """SFLV1: one server-half copy and optimizer per client, averaged at the end of a round.
+
+    Copies of different clients never share a lock, so concurrent clients train in parallel. A
+    client's optimizer state persists across rounds; its copy's weights restart from the merged
+    server half after every merge. Averaging the copies is the strategy's job (Flower's FedAvg).
+    """
+
+    variant = Variant.V1
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._copies: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
+        self._stale: set[int] = set()
+
+    def begin_round(self, node_ids: list[int]) -> None:
+        super().begin_round(node_ids)
+        global_state = self.server_half.state_dict()
+        for node_id in node_ids:
+            if node_id not in self._copies:
+                module = copy.deepcopy(self.server_half)
+                self._copies[node_id] = (module, self.optimizer_config.build(module.parameters()))
+            elif node_id in self._stale:
+                self._copies[node_id][0].load_state_dict(global_state)
+            self._stale.discard(node_id)
+
+    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        module, optimizer = self._copies[node_id]
+        return self._train_on_batch(module, optimizer, activations, labels)
+
+    def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
+        return {n: self._copies[n][0] for n in node_ids if n in self._copies}
+
+    def load_merged(self, state: Mapping[str, torch.Tensor]) -> None:
+        super().load_merged(state)
+        # Every copy restarts from the merged half when its node is next selected.
+        self._stale.update(self._copies)
+
+    def copy_for(self, node_id: int) -> nn.Module:
+        """Return the server-half copy of ``node_id`` (for inspection and tests)."""
+        return self._copies[node_id][0]
+
+
+class SFLV2Trainer(ServerHalfTrainer):
+    """SFLV2: one server half and optimizer; batches are applied one at a time, in arrival order.
+
+    All steps run on a single worker thread fed by a FIFO queue, so the order of updates is the
+    order in which batches arrived, whatever threads the split server serves them on.
+    """
+
+    variant = Variant.V2
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.optimizer = self.optimizer_config.build(self.server_half.parameters())
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sflv2-server-half")
+
+    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        return self._worker.submit(
+            self._train_on_batch, self.server_half, self.optimizer, activations, labels
+        ).result()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+
+def make_trainer(variant: str, **kwargs) -> ServerHalfTrainer:
+    """Return the trainer for ``variant`` ("v1" or "v2"), built with ``kwargs``."""
+    trainers = {Variant.V1: SFLV1Trainer, Variant.V2: SFLV2Trainer}
+    return trainers[Variant.validate(variant)](**kwargs)
