@@ -21,8 +21,8 @@ class AppConfig:
     min_train_nodes: int = 2
     merge_every: int = 1
     cut: str = "pool"
-    batch_size: int = 32
-    local_epochs: int = 1
+    batch_size: int = 16
+    local_epochs: int = 2
     reset_client_optimizer: bool = False
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -31,8 +31,8 @@ class AppConfig:
     split_server_address: str = "127.0.0.1:0"
     split_server_advertised_address: str = ""
     output_dir: str = ""
-    client_optimizer: OptimizerConfig = OptimizerConfig()
-    server_optimizer: OptimizerConfig = OptimizerConfig()
+    client_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
+    server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
 
     def __post_init__(self) -> None:
         Variant.validate(self.variant)
@@ -77,8 +77,12 @@ class AppConfig:
                 values[f.name] = _coerce(key, run_config[key], type(f.default))
         return cls(
             **values,
-            client_optimizer=OptimizerConfig.from_run_config(run_config, prefix="client-"),
-            server_optimizer=OptimizerConfig.from_run_config(run_config, prefix="server-"),
+            client_optimizer=OptimizerConfig.from_run_config(
+                run_config, prefix="client-", default=cls.client_optimizer
+            ),
+            server_optimizer=OptimizerConfig.from_run_config(
+                run_config, prefix="server-", default=cls.server_optimizer
+            ),
         )
 
 

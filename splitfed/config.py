@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -66,10 +66,13 @@ class OptimizerConfig:
             )
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any], *, prefix: str) -> OptimizerConfig:
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, prefix: str, default: OptimizerConfig | None = None
+    ) -> OptimizerConfig:
         """Read ``<prefix>optimizer``, ``<prefix>lr``, ``<prefix>momentum``, ... from a run config.
 
-        Keys that are absent keep their defaults. ``prefix`` is ``"client-"`` or ``"server-"``.
+        Keys that are absent keep their values in ``default`` (``OptimizerConfig()`` if None).
+        ``prefix`` is ``"client-"`` or ``"server-"``.
         """
         keys = {"name": f"{prefix}optimizer"} | {
             f.name: f"{prefix}{f.name.replace('_', '-')}" for f in fields(cls) if f.name != "name"
@@ -78,7 +81,7 @@ class OptimizerConfig:
         for attribute, key in keys.items():
             if key in run_config:
                 values[attribute] = run_config[key] if attribute == "name" else float(run_config[key])
-        return cls(**values)
+        return replace(default or cls(), **values)
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """Return a new optimizer over ``params``."""

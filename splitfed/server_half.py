@@ -119,7 +119,7 @@ class ServerHalfTrainer(ABC):
         loss.backward()
         optimizer.step()
         correct = int((outputs.detach().argmax(dim=1) == labels).sum()) if outputs.dim() == 2 else 0
-        return StepResult(cut_gradient=activations.grad.cpu(), loss=float(loss), correct=correct)
+        return StepResult(cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct)
 
 
 class SFLV1Trainer(ServerHalfTrainer):

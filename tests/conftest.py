@@ -1,0 +1,127 @@
+"""Shared pieces of the test suite: a small model with buffers, digits batches, a running split server."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from simulation.task import load_digits_split
+from splitfed import (
+    GrpcDataPlane,
+    OptimizerConfig,
+    SplitModel,
+    SplitServer,
+    TrainStats,
+    make_trainer,
+    run_local_epochs,
+    split_model,
+)
+
+SGD_MOMENTUM = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    """A model whose client half carries BatchNorm buffers; cut after ``pool``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 4, kernel_size=3, padding=1),
+            norm=nn.BatchNorm2d(4),
+            relu=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(4 * 4 * 4, 10),
+        )
+    )
+
+
+def small_split(seed: int = 0) -> SplitModel:
+    return split_model(small_cnn(seed), cut="pool", sample_input=torch.zeros(2, 1, 8, 8))
+
+
+def digits_batches(start: int, count: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` training digits from index ``start``, in order, as a list of batches."""
+    data = load_digits_split()
+    images = data.train_images[start : start + count]
+    labels = data.train_labels[start : start + count]
+    return [
+        (images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, count, batch_size)
+    ]
+
+
+def start_split_server(
+    split: SplitModel, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM
+) -> SplitServer:
+    trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
+    server = SplitServer(
+        trainer=trainer,
+        activation_shape=split.activation_shape,
+        activation_dtype=split.activation_dtype,
+    )
+    server.start()
+    return server
+
+
+@pytest.fixture
+def split_server_factory() -> Iterator:
+    """Start split servers for a test and stop them all afterwards, also when it fails."""
+    servers: list[SplitServer] = []
+
+    def factory(split: SplitModel, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM):
+        server = start_split_server(split, variant=variant, optimizer=optimizer)
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop(grace=None)
+
+
+def train_through(
+    server: SplitServer,
+    token: str,
+    *,
+    node_id: int,
+    server_round: int,
+    client_half: nn.Module,
+    batches: list,
+    optimizer: torch.optim.Optimizer,
+    local_epochs: int = 1,
+) -> TrainStats:
+    """One client's local training over a real gRPC stream."""
+    with GrpcDataPlane(
+        address=server.address, node_id=node_id, server_round=server_round, token=token
+    ) as plane:
+        return run_local_epochs(
+            client_half=client_half,
+            data_plane=plane,
+            train_loader=batches,
+            optimizer=optimizer,
+            local_epochs=local_epochs,
+        )
+
+
+def run_concurrently(*calls) -> list:
+    """Run zero-argument callables on threads at the same time; re-raise the first failure."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int, call) -> None:
+        try:
+            results[i] = call()
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
