@@ -35,7 +35,7 @@ class AppConfig:
     server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
 
     def __post_init__(self) -> None:
-        Variant.validate(self.variant)
+        object.__setattr__(self, "variant", Variant.validate(self.variant))
         problems = [
             f"{name}={value} must be at least 1"
             for name, value in (
@@ -87,14 +87,21 @@ class AppConfig:
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
-    else:
+    """Convert a run-config value to ``kind``; refuse anything that would lose information."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is bool and str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    if kind is int and not isinstance(value, bool):
+        if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    if kind is float and not isinstance(value, bool):
         try:
-            return kind(value)
+            return float(value)
         except (TypeError, ValueError):
             pass
+    if kind is str and isinstance(value, str | int):
+        return str(value)
     raise ValueError(f"run-config key {key!r} should be {kind.__name__}, got {value!r}")

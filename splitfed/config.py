@@ -79,8 +79,16 @@ class OptimizerConfig:
         }
         values: dict[str, Any] = {}
         for attribute, key in keys.items():
-            if key in run_config:
-                values[attribute] = run_config[key] if attribute == "name" else float(run_config[key])
+            if key not in run_config:
+                continue
+            value = run_config[key]
+            if attribute == "name":
+                values[attribute] = str(value).lower()
+                continue
+            try:
+                values[attribute] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"run-config key {key!r} should be a number, got {value!r}") from None
         return replace(default or cls(), **values)
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -60,6 +60,7 @@ def split_model(model: nn.Sequential, *, cut: int | str, sample_input: torch.Ten
     cut : int | str
         Where to cut. An ``int`` k puts the first k children on the client; a ``str`` names the
         last child that stays on the client (``cut="pool"`` cuts right after the child ``pool``).
+        A string of digits (as run configs pass it) is read as the int it spells.
     sample_input : torch.Tensor
         A batch of inputs (batch dimension first), used to check that the halves connect and to
         record the shape of the cut-layer activations.

@@ -112,11 +112,22 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
         )
     try:
         header = json.loads(bytes(view[_HEADER_LENGTH.size : body_start]))
-        kind, step = str(header["kind"]), int(header["step"])
-        scalars = dict(header.get("scalars", {}))
+        kind, step = header["kind"], header["step"]
+        scalars = header.get("scalars", {})
         entries = header.get("tensors", [])
     except (ValueError, KeyError, TypeError) as err:
         raise WireFormatError(f"frame header is not valid: {err}") from err
+    if not (
+        isinstance(kind, str)
+        and isinstance(step, int)
+        and not isinstance(step, bool)
+        and isinstance(scalars, dict)
+        and isinstance(entries, list)
+    ):
+        raise WireFormatError(
+            "frame header is not valid: expected a string kind, an integer step, a scalars "
+            f"object and a tensors list; got {header!r:.200}"
+        )
 
     payload = bytearray(view[body_start:])  # one copy; tensors below are views into it
     tensors: dict[str, torch.Tensor] = {}
@@ -128,6 +139,8 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
             nbytes = int(nbytes)
         except (ValueError, TypeError) as err:
             raise WireFormatError(f"tensor entry {entry!r} is not valid: {err}") from err
+        if not isinstance(name, str) or not isinstance(dtype_name, str):
+            raise WireFormatError(f"tensor entry {entry!r} needs a string name and dtype")
         if dtype_name not in WIRE_DTYPES:
             raise WireFormatError(
                 f"tensor {name!r} has dtype {dtype_name!r}; frames carry {', '.join(WIRE_DTYPES)}"
