@@ -1,0 +1,279 @@
+"""Run the app with ``flwr run`` on Flower's simulation engine, and leave nothing running after.
+
+    python -m simulation.launch [--num-supernodes 10] [--run-config "num-server-rounds=5 variant='v2'"]
+
+It starts a private SuperLink (simulation mode, a free port, its own ``FLWR_HOME``), runs the app
+from this repository with ``flwr run ... --stream``, prints a per-round table of the merged model's
+test accuracy and loss, the data-plane and model-sync bytes and the round's wall time, and stops
+every process it started (SuperLink, simulation, Ray), also on failure or Ctrl-C. The final model
+and the per-round metrics are written to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .processes import die_with_parent
+
+__all__ = ["LaunchResult", "run_app"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONNECTION = "splitfed-simulation"
+
+
+@dataclass
+class LaunchResult:
+    """How a launched run ended."""
+
+    status: str
+    details: str
+    run_id: int | None
+    seconds: float
+    output_dir: Path
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    log: str = ""
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config_args(values: dict[str, Any]) -> str:
+    # TOML literals: strings quoted, booleans lower case.
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
+
+
+def _wait_healthy(port: int, supervisor: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if supervisor.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited early; its log: {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink was not ready after {timeout:.0f} s; its log: {log_path}")
+
+
+def run_app(
+    *,
+    run_config: dict[str, Any] | None = None,
+    num_supernodes: int = 10,
+    clients_at_once: int = 4,
+    output_dir: Path | None = None,
+    timeout: float = 1800.0,
+    echo: bool = True,
+    app_dir: Path = REPO_ROOT,
+) -> LaunchResult:
+    """Run the Flower app in ``app_dir`` on the simulation engine and wait for it to end.
+
+    Parameters
+    ----------
+    run_config : dict[str, Any] | None (default: None)
+        Run-config overrides (``--run-config``).
+    num_supernodes : int (default: 10)
+        Simulated clients, each with its own data partition.
+    clients_at_once : int (default: 4)
+        ClientApps that run at the same time (Ray actors).
+    output_dir : Path | None (default: None)
+        Where the ServerApp writes ``model.pt`` and ``metrics.json``; ``None`` means a new folder
+        under ``outputs/`` in the repository.
+    timeout : float (default: 1800.0)
+        Seconds before the run is stopped.
+    echo : bool (default: True)
+        Print Flower's log stream as it arrives.
+    """
+    started = time.monotonic()
+    if output_dir is None:
+        output_dir = REPO_ROOT / "outputs" / time.strftime("%Y%m%d-%H%M%S")
+    output_dir = Path(output_dir).resolve()
+    run_config = {**(run_config or {}), "output-dir": str(output_dir)}
+    home = Path(tempfile.mkdtemp(prefix="splitfed-flwr-home-"))
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = dict(
+        os.environ,
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_TMPDIR=str(home / "ray"),
+        RAY_DEDUP_LOGS="0",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    env.pop("RAY_ADDRESS", None)  # a private Ray cluster, not one the shell points at
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    superlink_log = home / "superlink.log"
+    superlink_command = [
+        str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
+        "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    with open(superlink_log, "wb") as log_file:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "simulation.processes", *superlink_command],
+            cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+    flwr_run: subprocess.Popen | None = None
+    lines: list[str] = []
+    run_id = None
+    try:
+        _wait_healthy(port, supervisor, superlink_log, timeout=60)
+        federation = {
+            "num-supernodes": num_supernodes,
+            "client-resources-num-cpus": 1,
+            "init-args-num-cpus": clients_at_once,
+        }
+        flwr_run = subprocess.Popen(
+            [
+                str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
+                "--federation-config", _config_args(federation),
+                "--run-config", _config_args(run_config),
+            ],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            preexec_fn=die_with_parent,
+        )
+        timed_out = threading.Event()
+        watchdog = threading.Timer(timeout, lambda: (timed_out.set(), flwr_run.kill()))
+        watchdog.start()
+        try:
+            assert flwr_run.stdout is not None
+            for line in flwr_run.stdout:
+                lines.append(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = int(match.group(1))
+            flwr_run.wait()
+        finally:
+            watchdog.cancel()
+        status, details = _run_status(bin_dir, env, run_id)
+        if timed_out.is_set():
+            status, details = "timed-out", f"stopped after {timeout:.0f} s; {details}"
+    finally:
+        if flwr_run is not None and flwr_run.poll() is None:
+            flwr_run.kill()
+            flwr_run.wait()
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+            supervisor.wait()
+        shutil.rmtree(home, ignore_errors=True)
+    metrics_file = output_dir / "metrics.json"
+    metrics = (
+        {int(r): values for r, values in json.loads(metrics_file.read_text()).items()}
+        if metrics_file.exists()
+        else {}
+    )
+    return LaunchResult(
+        status=status,
+        details=details,
+        run_id=run_id,
+        seconds=time.monotonic() - started,
+        output_dir=output_dir,
+        metrics=metrics,
+        log="".join(lines),
+    )
+
+
+def _run_status(bin_dir: Path, env: dict[str, str], run_id: int | None) -> tuple[str, str]:
+    """Ask the SuperLink how the run ended (``flwr run`` exits 0 even when the ServerApp fails)."""
+    if run_id is None:
+        return "not-started", "flwr run did not start a run; see the output above"
+    listing = subprocess.run(
+        [str(bin_dir / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+        status, details = run["status"], run.get("status-details", "")
+    except (ValueError, KeyError, IndexError):
+        status, details = "unknown", (listing.stdout + listing.stderr)[-2000:]
+    return status, details
+
+
+def format_table(metrics: dict[int, dict[str, float]]) -> str:
+    """The per-round table the launcher prints at the end."""
+    header = f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'data plane':>10}  {'model sync':>10}  {'seconds':>7}"
+    rows = [header, "-" * len(header)]
+    for server_round in sorted(metrics):
+        m = metrics[server_round]
+        rows.append(
+            f"{server_round:>5}  {m.get('test-accuracy', float('nan')):>8.4f}  "
+            f"{m.get('test-loss', float('nan')):>9.4f}  {m['data-plane-bytes'] / 1e6:>7.2f} MB  "
+            f"{m['model-sync-bytes'] / 1e6:>7.2f} MB  {m['round-seconds']:>7.2f}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.launch",
+        description="Run the SplitFed digits app with `flwr run` on Flower's simulation engine.",
+    )
+    parser.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (default: 10)")
+    parser.add_argument(
+        "--clients-at-once", type=int, default=4, help="ClientApps running at the same time (default: 4)"
+    )
+    parser.add_argument(
+        "--run-config", default="", help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\""
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<time>/")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds (default: 1800)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    args = parser.parse_args(argv)
+
+    from flwr.common.config import parse_config_args  # noqa: PLC0415 - keeps --help fast
+
+    overrides = parse_config_args([args.run_config]) if args.run_config else {}
+    result = run_app(
+        run_config=overrides,
+        num_supernodes=args.num_supernodes,
+        clients_at_once=args.clients_at_once,
+        output_dir=args.output_dir,
+        timeout=args.timeout,
+        echo=not args.quiet,
+    )
+    print()
+    if result.metrics:
+        print(format_table(result.metrics))
+        print(f"\nModel and metrics: {result.output_dir}")
+    print(f"Run {result.run_id}: {result.status} in {result.seconds:.1f} s")
+    if not result.completed:
+        print(result.details, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Start Flower's processes so that none outlives the launcher, however it ends.
+
+Flower's SuperLink starts its executor in a new session, and the executor starts the simulation
+process and a Ray cluster below it; killing one process group misses most of them, and orphans
+are re-parented to init. So the SuperLink runs under a small supervisor (``python -m
+simulation.processes CMD...``) that makes itself a child subreaper, so every orphan of the tree
+lands under it, and asks the kernel to signal it when the launcher dies. On SIGTERM, or on the
+launcher's death, the supervisor terminates every descendant, waits, and kills what is left.
+Linux only (``prctl``); elsewhere the supervisor still cleans up what it can see.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+__all__ = ["die_with_parent", "kill_descendants", "supervise"]
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> None:
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child that must get SIGTERM when its parent dies, even by SIGKILL."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> set[int]:
+    children, found, todo = _children_by_parent(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
+    """SIGTERM every descendant of ``pid``, wait up to ``grace`` seconds, then SIGKILL the rest."""
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap()
+        if not _descendants(pid):
+            return
+        time.sleep(0.1)
+    # Some (orphaned Ray agents among them) ignore SIGTERM.
+    for child in _descendants(pid):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.2)
+    _reap()
+
+
+def supervise(command: list[str]) -> int:
+    """Run ``command`` and keep its whole process tree under this process until told to stop."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    die_with_parent()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    child = subprocess.Popen(command, start_new_session=True)
+    while not stop.wait(0.2):
+        _reap()
+        if child.poll() is not None and not _descendants(os.getpid()):
+            break
+    kill_descendants(os.getpid())
+    return child.returncode if child.returncode is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))
