@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from splitfed import split_model, train_client_half
 
 from .config import AppConfig
-from .task import IMAGE_SHAPE, digits_cnn, partition_loader
+from .task import IMAGE_SHAPE, digits_cnn, partition_loader, round_shuffle_seed
 
 app = ClientApp()
 
@@ -28,8 +28,7 @@ def train(msg: Message, context: Context) -> Message:
         partitioner=config.partitioner,
         alpha=config.dirichlet_alpha,
         seed=config.seed,
-        # A different order each round, the same in every run with this seed.
-        shuffle_seed=config.seed * 1_000_003 + server_round * 1_009 + partition_id,
+        shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
         test_fraction=config.test_fraction,
     )
     split = split_model(digits_cnn(), cut=config.cut, sample_input=torch.zeros(2, *IMAGE_SHAPE))
