@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from splitfed import split_model, train_client_half
+from splitfed import train_client_half
 
 from .config import AppConfig
-from .task import IMAGE_SHAPE, digits_cnn, partition_loader, round_shuffle_seed
+from .task import digits_split, partition_loader, round_shuffle_seed
 
 app = ClientApp()
 
@@ -31,11 +30,10 @@ def train(msg: Message, context: Context) -> Message:
         shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
         test_fraction=config.test_fraction,
     )
-    split = split_model(digits_cnn(), cut=config.cut, sample_input=torch.zeros(2, *IMAGE_SHAPE))
     return train_client_half(
         msg,
         context,
-        client_half=split.client_half,
+        client_half=digits_split(cut=config.cut, batch_norm=config.batch_norm).client_half,
         train_loader=train_loader,
         optimizer=config.client_optimizer,
         local_epochs=config.local_epochs,

@@ -8,7 +8,10 @@ from typing import Any
 
 from splitfed import OptimizerConfig, Variant
 
-__all__ = ["AppConfig"]
+__all__ = ["AGGREGATORS", "AppConfig"]
+
+AGGREGATORS = ("fedavg", "fedprox", "fedmedian")
+"""Flower strategies the app can merge client halves with (run-config key ``aggregator``)."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class AppConfig:
     min_train_nodes: int = 2
     merge_every: int = 1
     cut: str = "pool"
+    batch_norm: bool = False
+    aggregator: str = "fedavg"
+    proximal_mu: float = 0.0
     batch_size: int = 16
     local_epochs: int = 2
     reset_client_optimizer: bool = False
@@ -48,6 +54,8 @@ class AppConfig:
         ]
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
+        if self.aggregator not in AGGREGATORS:
+            problems.append(f"aggregator={self.aggregator!r} must be one of {', '.join(AGGREGATORS)}")
         if self.partitioner not in ("iid", "dirichlet"):
             problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
         if not self.dirichlet_alpha > 0:

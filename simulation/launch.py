@@ -52,6 +52,11 @@ class LaunchResult:
     def completed(self) -> bool:
         return self.status == "finished:completed"
 
+    def failure_report(self, lines: int = 60) -> str:
+        """The run's status details and the end of its log, for error messages."""
+        tail = "".join(self.log.splitlines(keepends=True)[-lines:])
+        return f"run {self.run_id} {self.status}: {self.details}\n--- last {lines} log lines ---\n{tail}"
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -188,6 +193,8 @@ def run_app(
         except subprocess.TimeoutExpired:
             supervisor.kill()
             supervisor.wait()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(superlink_log, output_dir / "superlink.log")
         shutil.rmtree(home, ignore_errors=True)
     metrics_file = output_dir / "metrics.json"
     metrics = (

@@ -11,14 +11,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
 from flwr.supercore import log
 
-from splitfed import split_model
 from strategies import SplitFed, SplitFedResult
 
 from .config import AppConfig
-from .task import IMAGE_SHAPE, digits_cnn, evaluate_model, load_digits_split
+from .task import digits_split, evaluate_model, load_digits_split
 
 app = ServerApp()
 
@@ -32,17 +31,12 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(config.seed)
 
     data = load_digits_split(test_fraction=config.test_fraction, seed=config.seed)
-    split = split_model(digits_cnn(), cut=config.cut, sample_input=torch.zeros(2, *IMAGE_SHAPE))
+    split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
     strategy = SplitFed(
         split=split,
         variant=config.variant,
         server_optimizer=config.server_optimizer,
-        aggregator=FedAvg(
-            fraction_train=config.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=config.min_train_nodes,
-            min_available_nodes=config.min_train_nodes,
-        ),
+        aggregator=make_aggregator(config),
         merge_every=config.merge_every,
         split_server_address=config.split_server_address,
         advertised_address=config.split_server_advertised_address or None,
@@ -72,6 +66,21 @@ def main(grid: Grid, context: Context) -> None:
     )
     if config.output_dir:
         save_result(Path(config.output_dir), result, split.client_half, split.server_half)
+
+
+def make_aggregator(config: AppConfig) -> Strategy:
+    """The Flower strategy that selects clients and merges their client halves."""
+    sampling = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": config.min_train_nodes,
+        "min_available_nodes": config.min_train_nodes,
+    }
+    if config.aggregator == "fedprox":
+        return FedProx(**sampling, proximal_mu=config.proximal_mu)
+    if config.aggregator == "fedmedian":
+        return FedMedian(**sampling)
+    return FedAvg(**sampling)
 
 
 def save_result(

@@ -17,10 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from splitfed import SplitModel, split_model
+
 __all__ = [
     "DigitsData",
     "round_shuffle_seed",
     "digits_cnn",
+    "digits_split",
     "evaluate_model",
     "load_digits_split",
     "partition_loader",
@@ -31,20 +34,38 @@ NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 
 
-def digits_cnn() -> nn.Sequential:
-    """A small CNN for 8x8 digits. Its convolutional block ends at the child ``pool``."""
+def digits_cnn(*, batch_norm: bool = False) -> nn.Sequential:
+    """A small CNN for 8x8 digits. Its convolutional block ends at the child ``pool``.
+
+    With ``batch_norm`` each convolution is followed by BatchNorm (``norm1``, ``norm2``), whose
+    running statistics travel and are averaged with the client half.
+    """
+    def norm(name: str, channels: int) -> list[tuple[str, nn.Module]]:
+        return [(name, nn.BatchNorm2d(channels))] if batch_norm else []
+
     return nn.Sequential(
         OrderedDict(
-            conv1=nn.Conv2d(1, 16, kernel_size=3, padding=1),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(16, 32, kernel_size=3, padding=1),
-            relu2=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(32 * 4 * 4, 64),
-            relu3=nn.ReLU(),
-            fc2=nn.Linear(64, NUM_CLASSES),
+            [
+                ("conv1", nn.Conv2d(1, 16, kernel_size=3, padding=1)),
+                *norm("norm1", 16),
+                ("relu1", nn.ReLU()),
+                ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
+                *norm("norm2", 32),
+                ("relu2", nn.ReLU()),
+                ("pool", nn.MaxPool2d(2)),
+                ("flatten", nn.Flatten()),
+                ("fc1", nn.Linear(32 * 4 * 4, 64)),
+                ("relu3", nn.ReLU()),
+                ("fc2", nn.Linear(64, NUM_CLASSES)),
+            ]
         )
+    )
+
+
+def digits_split(*, cut: int | str = "pool", batch_norm: bool = False) -> SplitModel:
+    """The digits CNN cut at ``cut`` (by default right after its convolutional block)."""
+    return split_model(
+        digits_cnn(batch_norm=batch_norm), cut=cut, sample_input=torch.zeros(2, *IMAGE_SHAPE)
     )
 
 
