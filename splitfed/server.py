@@ -150,6 +150,12 @@ class SplitServer:
         else:
             self.address = f"{host}:{port}"
         logger.info("Split server listening on %s (clients dial %s)", self.bind_address, self.address)
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            logger.warning(
+                "The split server listens on %s without TLS: activations, labels and gradients "
+                "cross the network unencrypted. Keep it on a private network",
+                self.bind_address,
+            )
         return self.address
 
     def stop(self, grace: float | None = 1.0) -> None:

@@ -177,15 +177,23 @@ class SFLV2Trainer(ServerHalfTrainer):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.optimizer = self.optimizer_config.build(self.server_half.parameters())
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sflv2-server-half")
+        self._worker: ThreadPoolExecutor | None = None
+        self._worker_lock = threading.Lock()
 
     def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        return self._worker.submit(
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sflv2-server-half")
+            worker = self._worker
+        return worker.submit(
             self._train_on_batch, self.server_half, self.optimizer, activations, labels
         ).result()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        with self._worker_lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
 
 
 def make_trainer(variant: str, **kwargs) -> ServerHalfTrainer:
