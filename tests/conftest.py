@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -104,6 +105,37 @@ def train_through(
             optimizer=optimizer,
             local_epochs=local_epochs,
         )
+
+
+def train_round_concurrently(
+    server: SplitServer,
+    split: SplitModel,
+    batches_by_node: dict[int, list],
+    *,
+    local_epochs: int = 1,
+) -> tuple[dict[int, nn.Module], dict[int, TrainStats]]:
+    """Open round 1 for the nodes of ``batches_by_node`` and train them all at the same time.
+
+    Each node trains its own copy of the client half with SGD_MOMENTUM over a real gRPC stream.
+    """
+    tokens = server.open_round(1, list(batches_by_node))
+    client_halves = {n: copy.deepcopy(split.client_half) for n in batches_by_node}
+    results = run_concurrently(
+        *(
+            lambda n=n: train_through(
+                server,
+                tokens[n],
+                node_id=n,
+                server_round=1,
+                client_half=client_halves[n],
+                batches=batches_by_node[n],
+                optimizer=SGD_MOMENTUM.build(client_halves[n].parameters()),
+                local_epochs=local_epochs,
+            )
+            for n in batches_by_node
+        )
+    )
+    return client_halves, dict(zip(batches_by_node, results, strict=True))
 
 
 def run_concurrently(*calls) -> list:

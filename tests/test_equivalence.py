@@ -17,8 +17,8 @@ from splitfed import OptimizerConfig, SFLV1Trainer
 from tests.conftest import (
     SGD_MOMENTUM,
     digits_batches,
-    run_concurrently,
     small_split,
+    train_round_concurrently,
     train_through,
 )
 
@@ -120,25 +120,8 @@ def test_sflv1_with_three_clients_equals_fedavg_of_the_unsplit_model(split_serve
     sizes = {11: 40, 22: 72, 33: 100}
     starts = {11: 0, 22: 40, 33: 112}
     batches = {n: digits_batches(starts[n], sizes[n], batch_size=16) for n in node_ids}
-    client_halves = {n: copy.deepcopy(split.client_half) for n in node_ids}
-
-    tokens = server.open_round(1, node_ids)
-    results = run_concurrently(
-        *(
-            lambda n=n: train_through(
-                server,
-                tokens[n],
-                node_id=n,
-                server_round=1,
-                client_half=client_halves[n],
-                batches=batches[n],
-                optimizer=SGD_MOMENTUM.build(client_halves[n].parameters()),
-                local_epochs=2,
-            )
-            for n in node_ids
-        )
-    )
-    assert [r.num_examples for r in results] == [2 * sizes[n] for n in node_ids]
+    client_halves, results = train_round_concurrently(server, split, batches, local_epochs=2)
+    assert {n: r.num_examples for n, r in results.items()} == {n: 2 * sizes[n] for n in node_ids}
     assert server.close_round().examples_by_node == {n: 2 * sizes[n] for n in node_ids}
 
     # FedAvg of the unsplit model: each client trains the whole model on its own data.
@@ -179,22 +162,7 @@ def test_sflv2_applies_one_update_per_batch_from_every_client(split_server_facto
     )
     node_ids = [1, 2, 3, 4]
     batches = {n: digits_batches(50 * i, 16 * (i + 2), batch_size=8) for i, n in enumerate(node_ids)}
-    tokens = server.open_round(1, node_ids)
-    client_halves = {n: copy.deepcopy(split.client_half) for n in node_ids}
-    run_concurrently(
-        *(
-            lambda n=n: train_through(
-                server,
-                tokens[n],
-                node_id=n,
-                server_round=1,
-                client_half=client_halves[n],
-                batches=batches[n],
-                optimizer=SGD_MOMENTUM.build(client_halves[n].parameters()),
-            )
-            for n in node_ids
-        )
-    )
+    train_round_concurrently(server, split, batches)
     trainer = server.trainer
     expected_batches = {n: len(batches[n]) for n in node_ids}
     assert trainer.steps_by_node == expected_batches
