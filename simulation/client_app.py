@@ -1,4 +1,4 @@
-"""The ClientApp: trains its client half on its own partition of the digits, through the split server."""
+"""The ClientApp: trains its client half on its own digits, through the split server."""
 
 from __future__ import annotations
 

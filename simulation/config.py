@@ -55,7 +55,9 @@ class AppConfig:
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
         if self.aggregator not in AGGREGATORS:
-            problems.append(f"aggregator={self.aggregator!r} must be one of {', '.join(AGGREGATORS)}")
+            problems.append(
+                f"aggregator={self.aggregator!r} must be one of {', '.join(AGGREGATORS)}"
+            )
         if self.partitioner not in ("iid", "dirichlet"):
             problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
         if not self.dirichlet_alpha > 0:

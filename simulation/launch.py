@@ -1,6 +1,6 @@
 """Run the app with ``flwr run`` on Flower's simulation engine, and leave nothing running after.
 
-    python -m simulation.launch [--num-supernodes 10] [--run-config "num-server-rounds=5 variant='v2'"]
+    python -m simulation.launch [--num-supernodes 10] [--run-config "variant='v2'"]
 
 It starts a private SuperLink (simulation mode, a free port, its own ``FLWR_HOME``), runs the app
 from this repository with ``flwr run ... --stream``, prints a per-round table of the merged model's
@@ -55,7 +55,7 @@ class LaunchResult:
     def failure_report(self, lines: int = 60) -> str:
         """The run's status details and the end of its log, for error messages."""
         tail = "".join(self.log.splitlines(keepends=True)[-lines:])
-        return f"run {self.run_id} {self.status}: {self.details}\n--- last {lines} log lines ---\n{tail}"
+        return f"run {self.run_id} {self.status}: {self.details}\n--- last log lines ---\n{tail}"
 
 
 def _free_port() -> int:
@@ -136,14 +136,24 @@ def run_app(
     )
     superlink_log = home / "superlink.log"
     superlink_command = [
-        str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
-        "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
+        str(bin_dir / "flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
         "--disable-runtime-dependency-installation",
     ]
     with open(superlink_log, "wb") as log_file:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "simulation.processes", *superlink_command],
-            cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
     flwr_run: subprocess.Popen | None = None
@@ -158,11 +168,21 @@ def run_app(
         }
         flwr_run = subprocess.Popen(
             [
-                str(bin_dir / "flwr"), "run", str(app_dir), CONNECTION, "--stream",
-                "--federation-config", _config_args(federation),
-                "--run-config", _config_args(run_config),
+                str(bin_dir / "flwr"),
+                "run",
+                str(app_dir),
+                CONNECTION,
+                "--stream",
+                "--federation-config",
+                _config_args(federation),
+                "--run-config",
+                _config_args(run_config),
             ],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
             preexec_fn=die_with_parent,
         )
         timed_out = threading.Event()
@@ -219,7 +239,10 @@ def _run_status(bin_dir: Path, env: dict[str, str], run_id: int | None) -> tuple
         return "not-started", "flwr run did not start a run; see the output above"
     listing = subprocess.run(
         [str(bin_dir / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     try:
         run = json.loads(listing.stdout)["runs"][0]
@@ -231,7 +254,14 @@ def _run_status(bin_dir: Path, env: dict[str, str], run_id: int | None) -> tuple
 
 def format_table(metrics: dict[int, dict[str, float]]) -> str:
     """The per-round table the launcher prints at the end."""
-    header = f"{'round':>5}  {'test acc':>8}  {'test loss':>9}  {'data plane':>10}  {'model sync':>10}  {'seconds':>7}"
+    columns = [
+        ("round", 5),
+        ("test acc", 8),
+        ("test loss", 9),
+        ("data plane", 10),
+        ("model sync", 10),
+    ]
+    header = "  ".join(f"{name:>{width}}" for name, width in [*columns, ("seconds", 7)])
     rows = [header, "-" * len(header)]
     for server_round in sorted(metrics):
         m = metrics[server_round]
@@ -248,12 +278,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m simulation.launch",
         description="Run the SplitFed digits app with `flwr run` on Flower's simulation engine.",
     )
-    parser.add_argument("--num-supernodes", type=int, default=10, help="simulated clients (default: 10)")
     parser.add_argument(
-        "--clients-at-once", type=int, default=4, help="ClientApps running at the same time (default: 4)"
+        "--num-supernodes", type=int, default=10, help="simulated clients (default: 10)"
     )
     parser.add_argument(
-        "--run-config", default="", help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\""
+        "--clients-at-once",
+        type=int,
+        default=4,
+        help="ClientApps running at the same time (default: 4)",
+    )
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\"",
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<time>/")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds (default: 1800)")

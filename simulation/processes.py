@@ -11,6 +11,7 @@ Linux only (``prctl``); elsewhere the supervisor still cleans up what it can see
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -72,10 +73,8 @@ def _reap() -> None:
 def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
     """SIGTERM every descendant of ``pid``, wait up to ``grace`` seconds, then SIGKILL the rest."""
     for child in _descendants(pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         _reap()
@@ -84,10 +83,8 @@ def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
         time.sleep(0.1)
     # Some (orphaned Ray agents among them) ignore SIGTERM.
     for child in _descendants(pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     time.sleep(0.2)
     _reap()
 

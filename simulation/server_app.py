@@ -43,7 +43,9 @@ def main(grid: Grid, context: Context) -> None:
     )
     full_model = split.full_model()
 
-    def evaluate(server_round: int, client_half: ArrayRecord, server_half: ArrayRecord) -> MetricRecord:
+    def evaluate(
+        server_round: int, client_half: ArrayRecord, server_half: ArrayRecord
+    ) -> MetricRecord:
         split.client_half.load_state_dict(client_half.to_torch_state_dict())
         split.server_half.load_state_dict(server_half.to_torch_state_dict())
         loss, accuracy = evaluate_model(full_model, data.test_images, data.test_labels)
@@ -84,7 +86,10 @@ def make_aggregator(config: AppConfig) -> Strategy:
 
 
 def save_result(
-    output_dir: Path, result: SplitFedResult, client_half: torch.nn.Module, server_half: torch.nn.Module
+    output_dir: Path,
+    result: SplitFedResult,
+    client_half: torch.nn.Module,
+    server_half: torch.nn.Module,
 ) -> None:
     """Write the final halves (``model.pt``) and per-round metrics (``metrics.json``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -99,8 +104,10 @@ def save_result(
         str(r): {
             **dict(result.round_metrics[r]),
             **dict(result.evaluate_metrics_serverapp.get(r, {})),
-            **{f"train-{k}" if not k.startswith("train-") else k: v
-               for k, v in dict(result.train_metrics_clientapp.get(r, {})).items()},
+            **{
+                f"train-{k}" if not k.startswith("train-") else k: v
+                for k, v in dict(result.train_metrics_clientapp.get(r, {})).items()
+            },
         }
         for r in rounds
     }

@@ -40,6 +40,7 @@ def digits_cnn(*, batch_norm: bool = False) -> nn.Sequential:
     With ``batch_norm`` each convolution is followed by BatchNorm (``norm1``, ``norm2``), whose
     running statistics travel and are averaged with the client half.
     """
+
     def norm(name: str, channels: int) -> list[tuple[str, nn.Module]]:
         return [(name, nn.BatchNorm2d(channels))] if batch_norm else []
 
@@ -94,8 +95,10 @@ def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsDat
         images, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )
     return DigitsData(
-        torch.from_numpy(train_x), torch.from_numpy(train_y),
-        torch.from_numpy(test_x), torch.from_numpy(test_y),
+        torch.from_numpy(train_x),
+        torch.from_numpy(train_y),
+        torch.from_numpy(test_x),
+        torch.from_numpy(test_y),
     )
 
 

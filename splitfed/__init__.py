@@ -9,7 +9,7 @@ from .config import OptimizerConfig, Variant
 from .cut import CutError, SplitModel, join_halves, split_model
 from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
 from .server import BatchError, RoundStats, SplitServer, round_token
-from .server_half import SFLV1Trainer, SFLV2Trainer, ServerHalfTrainer, StepResult, make_trainer
+from .server_half import ServerHalfTrainer, SFLV1Trainer, SFLV2Trainer, StepResult, make_trainer
 
 __all__ = [
     "BatchError",

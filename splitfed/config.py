@@ -88,7 +88,9 @@ class OptimizerConfig:
             try:
                 values[attribute] = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"run-config key {key!r} should be a number, got {value!r}") from None
+                raise ValueError(
+                    f"run-config key {key!r} should be a number, got {value!r}"
+                ) from None
         return replace(default or cls(), **values)
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -130,7 +130,11 @@ class GrpcDataPlane:
             raise SplitServerError(
                 f"the split server refused step {step}: {reply.scalars.get('error', '?')}"
             )
-        if reply.kind != FrameKind.BACKWARD or reply.step != step or "gradient" not in reply.tensors:
+        if (
+            reply.kind != FrameKind.BACKWARD
+            or reply.step != step
+            or "gradient" not in reply.tensors
+        ):
             raise SplitServerError(
                 f"expected the gradient for step {step}, got a {reply.kind!r} frame for step "
                 f"{reply.step}"

@@ -149,7 +149,9 @@ class SplitServer:
             self.address = f"{socket.gethostname()}:{port}"
         else:
             self.address = f"{host}:{port}"
-        logger.info("Split server listening on %s (clients dial %s)", self.bind_address, self.address)
+        logger.info(
+            "Split server listening on %s (clients dial %s)", self.bind_address, self.address
+        )
         if host not in ("127.0.0.1", "localhost", "[::1]"):
             logger.warning(
                 "The split server listens on %s without TLS: activations, labels and gradients "
@@ -208,8 +210,9 @@ class SplitServer:
             self._refuse(context, node_id, "the credential is not valid for this run")
         if server_round != current_round or node_id not in selected:
             self._refuse(
-                context, node_id, f"node is not selected for round {server_round} "
-                f"(current round: {current_round})"
+                context,
+                node_id,
+                f"node is not selected for round {server_round} (current round: {current_round})",
             )
         return node_id
 

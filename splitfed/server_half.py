@@ -93,14 +93,14 @@ class ServerHalfTrainer(ABC):
         """Variant-specific update for one batch."""
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
-        """Return the server-half copies of ``node_ids`` to be averaged; none for one shared half."""
+        """Return the server-half copies of ``node_ids`` to average (none for one shared half)."""
         return {}
 
     def load_merged(self, state: Mapping[str, torch.Tensor]) -> None:
         """Make ``state`` (the average of :meth:`client_copies`) the global server half."""
         self.server_half.load_state_dict(state)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most trainers hold no threads
         """Release threads the trainer holds."""
 
     def _train_on_batch(
@@ -119,7 +119,9 @@ class ServerHalfTrainer(ABC):
         loss.backward()
         optimizer.step()
         correct = int((outputs.detach().argmax(dim=1) == labels).sum()) if outputs.dim() == 2 else 0
-        return StepResult(cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct)
+        return StepResult(
+            cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct
+        )
 
 
 class SFLV1Trainer(ServerHalfTrainer):
@@ -183,7 +185,9 @@ class SFLV2Trainer(ServerHalfTrainer):
     def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
         with self._worker_lock:
             if self._worker is None:
-                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sflv2-server-half")
+                self._worker = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="sflv2-server-half"
+                )
             worker = self._worker
         return worker.submit(
             self._train_on_batch, self.server_half, self.optimizer, activations, labels

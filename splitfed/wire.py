@@ -69,8 +69,7 @@ def wire_dtype_name(dtype: torch.dtype) -> str:
         return _WIRE_NAMES[dtype]
     except KeyError:
         raise WireFormatError(
-            f"dtype {dtype} cannot travel on the data plane; "
-            f"use one of {', '.join(WIRE_DTYPES)}"
+            f"dtype {dtype} cannot travel on the data plane; use one of {', '.join(WIRE_DTYPES)}"
         ) from None
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
@@ -168,20 +167,34 @@ class SplitFed(Strategy):
             arrays, metrics = self.aggregator.aggregate_train(server_round, replies)
             if arrays is not None:
                 arrays = _cast_like(arrays, self._global_dtypes)
+            # Weighted by the examples the split server itself counted for each client.
             self._merge_server_halves(
-                {msg.metadata.src_node_id: stats.examples_by_node.get(msg.metadata.src_node_id, 0)
-                 for msg in completed}
+                {
+                    node_id: stats.examples_by_node.get(node_id, 0)
+                    for node_id in (msg.metadata.src_node_id for msg in completed)
+                }
             )
         else:
             for msg in replies:
                 if msg.has_error():
                     log(WARNING, "Node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
             contents = [msg.content for msg in completed]
-            arrays, metrics = None, aggregate_metricrecords(contents, "num-examples") if contents else None
+            arrays, metrics = (
+                None,
+                aggregate_metricrecords(contents, "num-examples") if contents else None,
+            )
         self._sync_bytes += sum(
-            _array_bytes(record) for msg in completed for record in msg.content.array_records.values()
+            _array_bytes(record)
+            for msg in completed
+            for record in msg.content.array_records.values()
         )
-        self._record_round(server_round, stats, clients=len(replies), merged=merge)
+        self._record_round(
+            server_round,
+            stats,
+            clients=len(replies),
+            failed=len(replies) - len(completed),
+            merged=merge,
+        )
         return arrays, metrics
 
     def configure_evaluate(
@@ -219,7 +232,11 @@ class SplitFed(Strategy):
         self._global_dtypes = {key: array.numpy().dtype for key, array in initial_arrays.items()}
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = evaluate_fn(server_round, arrays, self.server_half_arrays()) if evaluate_fn else None
+            metrics = (
+                evaluate_fn(server_round, arrays, self.server_half_arrays())
+                if evaluate_fn
+                else None
+            )
             self._log_round(server_round, metrics)
             return metrics
 
@@ -277,7 +294,9 @@ class SplitFed(Strategy):
                 "ArrayRecord(split.client_half.state_dict())"
             )
 
-    def _record_round(self, server_round: int, stats: RoundStats, *, clients: int, merged: bool) -> None:
+    def _record_round(
+        self, server_round: int, stats: RoundStats, *, clients: int, failed: int, merged: bool
+    ) -> None:
         self._round_metrics[server_round] = MetricRecord(
             {
                 "data-plane-bytes": stats.data_plane_bytes,
@@ -286,13 +305,16 @@ class SplitFed(Strategy):
                 "refused-streams": stats.refused_streams,
                 "model-sync-bytes": self._sync_bytes,
                 "clients": clients,
+                "failed-clients": failed,
                 "merged": int(merged),
                 "round-seconds": time.perf_counter() - self._round_started,
             }
         )
 
     def _log_round(self, server_round: int, metrics: MetricRecord | None) -> None:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items() if isinstance(v, float))
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in (metrics or {}).items() if isinstance(v, float)
+        )
         round_metrics = self._round_metrics.get(server_round)
         if round_metrics is None:
             log(INFO, "[SplitFed] initial model: %s", shown or "(no evaluate_fn)")

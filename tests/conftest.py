@@ -1,4 +1,4 @@
-"""Shared pieces of the test suite: a small model with buffers, digits batches, a running split server."""
+"""Shared test pieces: a small model with buffers, digits batches, running split servers."""
 
 from __future__ import annotations
 
@@ -45,13 +45,16 @@ def small_split(seed: int = 0) -> SplitModel:
     return split_model(small_cnn(seed), cut="pool", sample_input=torch.zeros(2, 1, 8, 8))
 
 
-def digits_batches(start: int, count: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def digits_batches(
+    start: int, count: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` training digits from index ``start``, in order, as a list of batches."""
     data = load_digits_split()
     images = data.train_images[start : start + count]
     labels = data.train_labels[start : start + count]
     return [
-        (images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, count, batch_size)
+        (images[i : i + batch_size], labels[i : i + batch_size])
+        for i in range(0, count, batch_size)
     ]
 
 

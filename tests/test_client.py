@@ -1,4 +1,4 @@
-"""The ClientApp side: `train_client_half` on real Flower messages and contexts, through a real split server."""
+"""`train_client_half` on real Flower messages and contexts, through a real split server."""
 
 from __future__ import annotations
 
@@ -86,12 +86,16 @@ def centralized(split, batches, *, rounds: int, fresh_client_optimizer_each_roun
 
 
 @pytest.mark.parametrize("reset_optimizer", [False, True])
-def test_client_optimizer_state_persists_across_rounds_unless_reset(reset_optimizer, split_server_factory):
+def test_client_optimizer_state_persists_across_rounds_unless_reset(
+    reset_optimizer, split_server_factory
+):
     split = small_split()
     server = split_server_factory(copy.deepcopy(split), variant="v2")
     batches = digits_batches(0, 64, batch_size=16)
     trained = two_rounds(server, split, batches, reset_optimizer=reset_optimizer)
-    expected = centralized(split, batches, rounds=2, fresh_client_optimizer_each_round=reset_optimizer)
+    expected = centralized(
+        split, batches, rounds=2, fresh_client_optimizer_each_round=reset_optimizer
+    )
     assert_same_state(trained, expected.client_half)
     assert_same_state(server.trainer.server_half, expected.server_half)
 
@@ -118,13 +122,19 @@ def test_reply_is_what_flowers_fedavg_accepts(split_server_factory):
 def test_message_from_another_strategy_is_refused_with_the_fix():
     split = small_split()
     msg = Message(
-        RecordDict({"arrays": ArrayRecord(split.client_half.state_dict()), "config": ConfigRecord()}),
+        RecordDict(
+            {"arrays": ArrayRecord(split.client_half.state_dict()), "config": ConfigRecord()}
+        ),
         dst_node_id=NODE,
         message_type="train",
     )
     with pytest.raises(ValueError, match="not sent by a SplitFed strategy"):
         train_client_half(
-            msg, new_context(), client_half=split.client_half, train_loader=[], optimizer=SGD_MOMENTUM
+            msg,
+            new_context(),
+            client_half=split.client_half,
+            train_loader=[],
+            optimizer=SGD_MOMENTUM,
         )
 
 
@@ -148,7 +158,10 @@ def test_fedprox_term_pulls_the_client_half_towards_its_start(split_server_facto
     server_optimizer = SGD_MOMENTUM.build(reference.server_half.parameters())
     full = reference.full_model().train()
     for images, labels in batches:
-        proximal = sum(((p - s) ** 2).sum() for p, s in zip(reference.client_half.parameters(), start))
+        proximal = sum(
+            ((p - s) ** 2).sum()
+            for p, s in zip(reference.client_half.parameters(), start, strict=True)
+        )
         loss = nn.functional.cross_entropy(full(images), labels) + mu / 2 * proximal
         client_optimizer.zero_grad()
         server_optimizer.zero_grad()

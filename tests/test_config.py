@@ -12,11 +12,11 @@ import copy
 import io
 import pickle
 import re
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from torch import nn
 
@@ -36,7 +36,9 @@ def tiny_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+def train_steps(
+    model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 1
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -85,8 +87,12 @@ def test_optimizer_config_is_frozen() -> None:
 
 def test_from_run_config_reads_only_keys_with_its_prefix() -> None:
     run_config = {
-        "client-optimizer": "adam", "client-lr": 0.01, "client-weight-decay": 0.001,
-        "server-optimizer": "sgd", "server-lr": 0.2, "server-momentum": 0.8,
+        "client-optimizer": "adam",
+        "client-lr": 0.01,
+        "client-weight-decay": 0.001,
+        "server-optimizer": "sgd",
+        "server-lr": 0.2,
+        "server-momentum": 0.8,
         "batch-size": 16,
     }
     client = OptimizerConfig.from_run_config(run_config, prefix="client-")
@@ -120,7 +126,9 @@ def test_from_run_config_converts_numbers_to_float() -> None:
 
 def test_from_run_config_validates_what_it_reads() -> None:
     with pytest.raises(ValueError, match="learning rate must be positive"):
-        OptimizerConfig.from_run_config({"client-lr": 0}, prefix="client-", default=OptimizerConfig())
+        OptimizerConfig.from_run_config(
+            {"client-lr": 0}, prefix="client-", default=OptimizerConfig()
+        )
     with pytest.raises(ValueError, match="optimizer must be one of"):
         OptimizerConfig.from_run_config({"server-optimizer": "lbfgs"}, prefix="server-")
 
@@ -132,7 +140,9 @@ def test_from_run_config_refuses_a_non_number_and_names_the_key() -> None:
 
 def test_build_sgd_with_the_configured_hyper_parameters() -> None:
     model = tiny_model()
-    optimizer = OptimizerConfig(name="sgd", lr=0.2, momentum=0.7, weight_decay=0.01).build(model.parameters())
+    optimizer = OptimizerConfig(name="sgd", lr=0.2, momentum=0.7, weight_decay=0.01).build(
+        model.parameters()
+    )
     assert type(optimizer) is torch.optim.SGD
     (group,) = optimizer.param_groups
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.2, 0.7, 0.01)
@@ -165,8 +175,17 @@ def test_build_returns_a_new_optimizer_each_time() -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("v1", "v1"), ("v2", "v2"), ("V1", "v1"), ("V2", "v2"), ("sflv1", "v1"), ("SFLV2", "v2"),
-     ("SflV1", "v1"), (Variant.V1, "v1"), (Variant.V2, "v2")],
+    [
+        ("v1", "v1"),
+        ("v2", "v2"),
+        ("V1", "v1"),
+        ("V2", "v2"),
+        ("sflv1", "v1"),
+        ("SFLV2", "v2"),
+        ("SflV1", "v1"),
+        (Variant.V1, "v1"),
+        (Variant.V2, "v2"),
+    ],
 )
 def test_variant_validate_accepts_v1_and_v2_in_any_case_with_or_without_sfl(
     name: str, expected: str
@@ -199,7 +218,8 @@ def test_sgd_momentum_buffers_survive_save_and_load_exactly() -> None:
     restored_model = copy.deepcopy(model)
     restored = config.build(restored_model.parameters())
     load_optimizer_state(restored, data)
-    for original_param, restored_param in zip(model.parameters(), restored_model.parameters()):
+    pairs = zip(model.parameters(), restored_model.parameters(), strict=True)
+    for original_param, restored_param in pairs:
         expected = optimizer.state[original_param]["momentum_buffer"]
         actual = restored.state[restored_param]["momentum_buffer"]
         assert torch.count_nonzero(expected) > 0
@@ -208,7 +228,8 @@ def test_sgd_momentum_buffers_survive_save_and_load_exactly() -> None:
 
     train_steps(model, optimizer, 2, seed=7)
     train_steps(restored_model, restored, 2, seed=7)
-    for original_param, restored_param in zip(model.parameters(), restored_model.parameters()):
+    pairs = zip(model.parameters(), restored_model.parameters(), strict=True)
+    for original_param, restored_param in pairs:
         assert torch.equal(original_param, restored_param)
 
 
@@ -234,7 +255,8 @@ def test_adam_state_survives_save_and_load_exactly() -> None:
     restored_model = copy.deepcopy(model)
     restored = config.build(restored_model.parameters())
     load_optimizer_state(restored, save_optimizer_state(optimizer))
-    for original_param, restored_param in zip(model.parameters(), restored_model.parameters()):
+    pairs = zip(model.parameters(), restored_model.parameters(), strict=True)
+    for original_param, restored_param in pairs:
         expected, actual = optimizer.state[original_param], restored.state[restored_param]
         assert expected.keys() == actual.keys()
         for key in expected:
@@ -261,9 +283,14 @@ def test_pyproject_run_config_gives_exactly_the_app_config_defaults() -> None:
 
 
 def test_pyproject_run_config_lists_every_app_config_key() -> None:
-    simple = {f.name.replace("_", "-") for f in fields(AppConfig)} - {"client-optimizer", "server-optimizer"}
+    simple = {f.name.replace("_", "-") for f in fields(AppConfig)} - {
+        "client-optimizer",
+        "server-optimizer",
+    }
     optimizer_keys = {
-        f"{side}-{key}" for side in ("client", "server") for key in ("optimizer", "lr", "momentum", "weight-decay")
+        f"{side}-{key}"
+        for side in ("client", "server")
+        for key in ("optimizer", "lr", "momentum", "weight-decay")
     }
     assert set(app_config_table()) == simple | optimizer_keys
 
@@ -280,12 +307,28 @@ def test_app_config_from_an_empty_run_config_is_the_default() -> None:
 
 
 def test_app_config_reads_dashed_keys_into_fields() -> None:
-    config = AppConfig.from_run_config({
-        "variant": "v2", "num-server-rounds": 3, "batch-size": 8, "cut": "flatten",
-        "fraction-train": 0.5, "split-server-address": "0.0.0.0:9000", "seed": 42,
-    })
-    assert (config.variant, config.num_server_rounds, config.batch_size, config.cut) == ("v2", 3, 8, "flatten")
-    assert (config.fraction_train, config.split_server_address, config.seed) == (0.5, "0.0.0.0:9000", 42)
+    config = AppConfig.from_run_config(
+        {
+            "variant": "v2",
+            "num-server-rounds": 3,
+            "batch-size": 8,
+            "cut": "flatten",
+            "fraction-train": 0.5,
+            "split-server-address": "0.0.0.0:9000",
+            "seed": 42,
+        }
+    )
+    assert (config.variant, config.num_server_rounds, config.batch_size, config.cut) == (
+        "v2",
+        3,
+        8,
+        "flatten",
+    )
+    assert (config.fraction_train, config.split_server_address, config.seed) == (
+        0.5,
+        "0.0.0.0:9000",
+        42,
+    )
     assert config.local_epochs == AppConfig().local_epochs
 
 
@@ -307,9 +350,14 @@ def test_app_config_refuses_unknown_keys_and_names_them() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "kind"),
-    [("batch-size", "abc", "int"), ("fraction-train", "most", "float"),
-     ("reset-client-optimizer", "yes", "bool"), ("reset-client-optimizer", 1, "bool"),
-     ("seed", None, "int"), ("num-server-rounds", [3], "int")],
+    [
+        ("batch-size", "abc", "int"),
+        ("fraction-train", "most", "float"),
+        ("reset-client-optimizer", "yes", "bool"),
+        ("reset-client-optimizer", 1, "bool"),
+        ("seed", None, "int"),
+        ("num-server-rounds", [3], "int"),
+    ],
 )
 def test_app_config_refuses_values_of_the_wrong_type_and_names_the_key(
     key: str, value: object, kind: str
@@ -333,7 +381,14 @@ def test_app_config_converts_numeric_strings_and_ints_to_the_field_type() -> Non
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("true", True), ("false", False), ("True", True), ("FALSE", False), (True, True), (False, False)],
+    [
+        ("true", True),
+        ("false", False),
+        ("True", True),
+        ("FALSE", False),
+        (True, True),
+        (False, False),
+    ],
 )
 def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool) -> None:
     config = AppConfig.from_run_config({"reset-client-optimizer": value})
@@ -366,7 +421,11 @@ def test_app_config_reports_every_invalid_value_at_once() -> None:
         AppConfig.from_run_config({"batch-size": 0, "fraction-train": 1.5, "partitioner": "x"})
     message = str(caught.value)
     assert message.startswith("invalid run config: ")
-    assert "batch-size=0" in message and "fraction-train=1.5" in message and "partitioner='x'" in message
+    assert (
+        "batch-size=0" in message
+        and "fraction-train=1.5" in message
+        and "partitioner='x'" in message
+    )
 
 
 def test_app_config_accepts_sfl_variant_names() -> None:

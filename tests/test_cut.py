@@ -1,4 +1,4 @@
-"""Cutting a model in two: where the cut falls, what the halves hold, and errors that say how to fix.
+"""Cutting a model in two: where the cut falls, what the halves hold, errors that say how to fix.
 
 ``split_model`` cuts an ``nn.Sequential`` by position (an int k puts the first k children on the
 client) or by name (the named child is the last one on the client), and ``join_halves`` pairs two
@@ -87,7 +87,11 @@ def test_cut_by_name_keeps_named_child_on_client(name: str) -> None:
 def test_cut_given_as_a_digit_string_counts_children_like_an_int() -> None:
     by_string = split_model(small_cnn(), cut="2", sample_input=cnn_batch())
     by_int = split_model(small_cnn(), cut=2, sample_input=cnn_batch())
-    assert list(by_string.client_half._modules) == list(by_int.client_half._modules) == ["conv", "norm"]
+    assert (
+        list(by_string.client_half._modules)
+        == list(by_int.client_half._modules)
+        == ["conv", "norm"]
+    )
 
 
 def test_cut_of_a_default_numbered_sequential_by_int() -> None:
@@ -100,10 +104,18 @@ def test_cut_of_a_default_numbered_sequential_by_int() -> None:
 def test_halves_state_dict_keys_keep_the_original_child_names() -> None:
     model = small_cnn()
     split = split_model(model, cut="pool", sample_input=cnn_batch())
-    client_keys, server_keys = split.client_half.state_dict().keys(), split.server_half.state_dict().keys()
+    client_keys, server_keys = (
+        split.client_half.state_dict().keys(),
+        split.server_half.state_dict().keys(),
+    )
     assert set(client_keys) == {
-        "conv.weight", "conv.bias", "norm.weight", "norm.bias",
-        "norm.running_mean", "norm.running_var", "norm.num_batches_tracked",
+        "conv.weight",
+        "conv.bias",
+        "norm.weight",
+        "norm.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
     }
     assert set(server_keys) == {"fc.weight", "fc.bias"}
     original = model.state_dict()
@@ -115,7 +127,9 @@ def test_halves_state_dict_keys_keep_the_original_child_names() -> None:
 def test_halves_are_copies_that_share_no_storage_with_the_model() -> None:
     model = small_cnn()
     split = split_model(model, cut="pool", sample_input=cnn_batch())
-    model_pointers = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers()}
+    model_pointers = {p.data_ptr() for p in model.parameters()} | {
+        b.data_ptr() for b in model.buffers()
+    }
     for half in (split.client_half, split.server_half):
         for tensor in [*half.parameters(), *half.buffers()]:
             assert tensor.data_ptr() not in model_pointers
@@ -173,7 +187,9 @@ def test_split_records_activation_shape_without_batch_dim_and_dtype() -> None:
 
 
 def test_split_records_the_dtype_of_a_float64_model() -> None:
-    split = split_model(small_mlp().double(), cut=2, sample_input=torch.randn(3, 6, dtype=torch.float64))
+    split = split_model(
+        small_mlp().double(), cut=2, sample_input=torch.randn(3, 6, dtype=torch.float64)
+    )
     assert split.activation_dtype == torch.float64
     assert split.activation_shape == (8,)
 
@@ -188,8 +204,11 @@ def test_cut_error_is_a_value_error() -> None:
     assert issubclass(CutError, ValueError)
 
 
-@pytest.mark.parametrize("cut", [0, len(CNN_NAMES), len(CNN_NAMES) + 3, -1, "-1", "fc"],
-                         ids=["zero", "len", "beyond", "negative", "negative-string", "last-child"])
+@pytest.mark.parametrize(
+    "cut",
+    [0, len(CNN_NAMES), len(CNN_NAMES) + 3, -1, "-1", "fc"],
+    ids=["zero", "len", "beyond", "negative", "negative-string", "last-child"],
+)
 def test_cut_outside_the_model_says_the_valid_range_and_lists_children(cut: int | str) -> None:
     with pytest.raises(CutError) as caught:
         split_model(small_cnn(), cut=cut, sample_input=cnn_batch())
@@ -210,7 +229,9 @@ def test_cut_by_unknown_name_lists_the_children() -> None:
 
 @pytest.mark.parametrize("cut", [True, False, 1.0, None, ["pool"]], ids=repr)
 def test_cut_that_is_not_an_int_or_a_name_is_refused(cut: object) -> None:
-    with pytest.raises(CutError, match=rf"cut must be an int or a child's name, got {type(cut).__name__}"):
+    with pytest.raises(
+        CutError, match=rf"cut must be an int or a child's name, got {type(cut).__name__}"
+    ):
         split_model(small_cnn(), cut=cut, sample_input=cnn_batch())  # type: ignore[arg-type]
 
 
@@ -240,7 +261,9 @@ def test_halves_that_do_not_connect_say_the_cut_shape_and_how_to_fix() -> None:
 
 def test_join_halves_with_a_server_half_expecting_the_wrong_size_is_refused() -> None:
     with pytest.raises(CutError, match=r"do not connect.*\(2, 8\)"):
-        join_halves(client_half=nn.Linear(6, 8), server_half=nn.Linear(7, 3), sample_input=torch.randn(2, 6))
+        join_halves(
+            client_half=nn.Linear(6, 8), server_half=nn.Linear(7, 3), sample_input=torch.randn(2, 6)
+        )
 
 
 def test_client_half_failing_on_the_sample_input_names_its_shape() -> None:
@@ -253,7 +276,9 @@ def test_client_half_failing_on_the_sample_input_names_its_shape() -> None:
 
 def test_client_half_returning_a_tuple_is_refused() -> None:
     with pytest.raises(CutError) as caught:
-        join_halves(client_half=PairOutput(), server_half=nn.Identity(), sample_input=torch.randn(2, 3))
+        join_halves(
+            client_half=PairOutput(), server_half=nn.Identity(), sample_input=torch.randn(2, 3)
+        )
     message = str(caught.value)
     assert "returns a tuple" in message
     assert "single tensor" in message
@@ -271,7 +296,9 @@ def test_cut_after_a_child_returning_a_tuple_is_refused() -> None:
     ids=["0-d-tensor", "list", "None"],
 )
 def test_sample_input_without_a_batch_dimension_is_refused(sample_input: object) -> None:
-    with pytest.raises(CutError, match="sample_input must be a tensor with a batch dimension first"):
+    with pytest.raises(
+        CutError, match="sample_input must be a tensor with a batch dimension first"
+    ):
         split_model(small_mlp(), cut=2, sample_input=sample_input)  # type: ignore[arg-type]
 
 
@@ -295,7 +322,9 @@ def test_activations_of_a_dtype_the_wire_cannot_carry_are_refused() -> None:
             return x.to(torch.complex64)
 
     with pytest.raises(CutError, match=r"complex64.*float32"):
-        join_halves(client_half=ToComplex(), server_half=nn.Identity(), sample_input=torch.randn(2, 3))
+        join_halves(
+            client_half=ToComplex(), server_half=nn.Identity(), sample_input=torch.randn(2, 3)
+        )
 
 
 def test_join_halves_pairs_hand_written_halves() -> None:
@@ -306,9 +335,13 @@ def test_join_halves_pairs_hand_written_halves() -> None:
     assert split.activation_dtype == torch.float32
 
 
-@pytest.mark.parametrize(("client_training", "server_training"),
-                         [(True, True), (True, False), (False, True), (False, False)])
-def test_join_halves_restores_train_and_eval_mode(client_training: bool, server_training: bool) -> None:
+@pytest.mark.parametrize(
+    ("client_training", "server_training"),
+    [(True, True), (True, False), (False, True), (False, False)],
+)
+def test_join_halves_restores_train_and_eval_mode(
+    client_training: bool, server_training: bool
+) -> None:
     client = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
     server = nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 2))
     client.train(client_training)
@@ -344,11 +377,17 @@ def test_join_halves_runs_the_check_in_eval_mode() -> None:
 def test_join_halves_does_not_change_batchnorm_statistics() -> None:
     client = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).train()
     server = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
-    before = copy.deepcopy({**{f"c.{k}": v for k, v in client.state_dict().items()},
-                            **{f"s.{k}": v for k, v in server.state_dict().items()}})
+    before = copy.deepcopy(
+        {
+            **{f"c.{k}": v for k, v in client.state_dict().items()},
+            **{f"s.{k}": v for k, v in server.state_dict().items()},
+        }
+    )
     join_halves(client_half=client, server_half=server, sample_input=10 * torch.randn(8, 6) + 3)
-    after = {**{f"c.{k}": v for k, v in client.state_dict().items()},
-             **{f"s.{k}": v for k, v in server.state_dict().items()}}
+    after = {
+        **{f"c.{k}": v for k, v in client.state_dict().items()},
+        **{f"s.{k}": v for k, v in server.state_dict().items()},
+    }
     for key, value in before.items():
         assert torch.equal(after[key], value), key
 

@@ -63,9 +63,7 @@ def test_one_client_equals_centralized_training(variant, split_server_factory):
     reference = copy.deepcopy(split)
     # Different optimizers on the two halves: the equivalence holds for any pair.
     server_optimizer = OptimizerConfig(name="adam", lr=0.01)
-    server = split_server_factory(
-        copy.deepcopy(split), variant=variant, optimizer=server_optimizer
-    )
+    server = split_server_factory(copy.deepcopy(split), variant=variant, optimizer=server_optimizer)
     batches = digits_batches(0, 100, batch_size=16)  # the last batch has 4 examples
     client_half = split.client_half
     tokens = server.open_round(1, [7])
@@ -108,7 +106,9 @@ def weighted_average(modules: list[nn.Module], weights: list[int]) -> dict[str, 
     averaged = {}
     for key, value in states[0].items():
         mean = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
-        averaged[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.float()
+        averaged[key] = (
+            mean.round().to(value.dtype) if not value.is_floating_point() else mean.float()
+        )
     return averaged
 
 
@@ -161,7 +161,9 @@ def test_sflv2_applies_one_update_per_batch_from_every_client(split_server_facto
         copy.deepcopy(split), variant="v2", optimizer=OptimizerConfig(name="adam", lr=0.001)
     )
     node_ids = [1, 2, 3, 4]
-    batches = {n: digits_batches(50 * i, 16 * (i + 2), batch_size=8) for i, n in enumerate(node_ids)}
+    batches = {
+        n: digits_batches(50 * i, 16 * (i + 2), batch_size=8) for i, n in enumerate(node_ids)
+    }
     train_round_concurrently(server, split, batches)
     trainer = server.trainer
     expected_batches = {n: len(batches[n]) for n in node_ids}

@@ -19,4 +19,3 @@ def test_notebook_runs_top_to_bottom(notebook, monkeypatch):
     namespace: dict = {"__name__": "__main__"}
     for source, index in code:
         exec(compile(source, f"{notebook.name}[cell {index}]", "exec"), namespace)  # noqa: S102
-

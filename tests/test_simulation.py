@@ -19,7 +19,13 @@ from simulation.task import digits_split, partition_loader, round_shuffle_seed
 
 pytestmark = pytest.mark.slow
 
-FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flower-superexec",
+    "flwr-simulation",
+    "raylet",
+    "gcs_server",
+)
 
 
 def flower_processes() -> set[int]:
@@ -85,7 +91,9 @@ def unsplit_reference(
         states, weights = [], []
         for partition_id, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
             if (server_round - 1) % config.merge_every == 0:
-                model.load_state_dict({f"{0 if k in client_keys else 1}.{k}": v for k, v in global_state.items()})
+                model.load_state_dict(
+                    {f"{0 if k in client_keys else 1}.{k}": v for k, v in global_state.items()}
+                )
             loader = partition_loader(
                 partition_id=partition_id,
                 num_partitions=num_partitions,
@@ -124,7 +132,10 @@ def assert_trained_model_is(result, expected: dict[str, torch.Tensor]) -> None:
 # amplify the last bits). The processes differ in thread counts, so the last bits do differ.
 @pytest.mark.parametrize(
     "overrides",
-    [{"num-server-rounds": 1}, {"num-server-rounds": 2, "client-momentum": 0.0, "server-momentum": 0.0}],
+    [
+        {"num-server-rounds": 1},
+        {"num-server-rounds": 2, "client-momentum": 0.0, "server-momentum": 0.0},
+    ],
     ids=["1-round-momentum", "2-rounds"],
 )
 def test_sflv1_under_flwr_run_equals_fedavg_of_the_unsplit_model(overrides, launch):
@@ -135,7 +146,9 @@ def test_sflv1_under_flwr_run_equals_fedavg_of_the_unsplit_model(overrides, laun
         result, unsplit_reference(rounds=config.num_server_rounds, num_partitions=3, config=config)
     )
     assert set(result.metrics) == set(range(1, config.num_server_rounds + 1))
-    assert all(m["data-plane-batches"] > 0 and m["refused-batches"] == 0 for m in result.metrics.values())
+    assert all(
+        m["data-plane-batches"] > 0 and m["refused-batches"] == 0 for m in result.metrics.values()
+    )
 
 
 def test_batchnorm_buffers_travel_with_the_client_half_and_are_averaged(launch):
@@ -150,15 +163,27 @@ def test_batchnorm_buffers_travel_with_the_client_half_and_are_averaged(launch):
     # BatchNorm makes this model's training sensitive to the last bits: perturbing the cut
     # gradient by a relative 1e-7 moves the weights by 3e-3 after one round, hence 1e-2 here.
     # Statistics that did not travel would stay at their initial 0 and 1, far outside it.
-    for key in ("norm1.running_mean", "norm1.running_var", "norm2.running_mean", "norm2.running_var"):
+    for key in (
+        "norm1.running_mean",
+        "norm1.running_var",
+        "norm2.running_mean",
+        "norm2.running_var",
+    ):
         torch.testing.assert_close(saved[key], expected[key], rtol=0, atol=1e-2, msg=key)
-        assert not torch.allclose(saved[key], torch.full_like(saved[key], float(key.endswith("var"))))
+        assert not torch.allclose(
+            saved[key], torch.full_like(saved[key], float(key.endswith("var")))
+        )
 
 
 def test_merge_every_two_rounds_lets_clients_go_on_from_their_own_halves(launch):
     # Two rounds, so that the one merge is the last step: training after a merge would amplify
     # the merge's float32 summation order (4e-5 after one more round here).
-    overrides = {"num-server-rounds": 2, "merge-every": 2, "client-momentum": 0.0, "server-momentum": 0.0}
+    overrides = {
+        "num-server-rounds": 2,
+        "merge-every": 2,
+        "client-momentum": 0.0,
+        "server-momentum": 0.0,
+    }
     config = AppConfig.from_run_config(overrides)
     result = launch(run_config=overrides, num_supernodes=3)
     assert result.completed, result.failure_report()
@@ -188,7 +213,8 @@ def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
     assert final["clients"] == 10 and final["refused-streams"] == 0
     # The data plane carried every batch of every client: 2 epochs of the whole training set.
     batches_per_round = sum(
-        2 * len(partition_loader(partition_id=i, num_partitions=10, batch_size=16)) for i in range(10)
+        2 * len(partition_loader(partition_id=i, num_partitions=10, batch_size=16))
+        for i in range(10)
     )
     assert all(m["data-plane-batches"] == batches_per_round for m in result.metrics.values())
 

@@ -75,7 +75,10 @@ def test_bad_batch_gets_an_error_reply_and_others_keep_training(case, served):
     corrupt, message = BAD_BATCHES[case]
     activations, labels = corrupt(*good_batch(split))
     before = copy.deepcopy(server.trainer.copy_for(NODE).state_dict())
-    with plane(server, tokens) as bad, pytest.raises(SplitServerError, match="refused step 1") as err:
+    with (
+        plane(server, tokens) as bad,
+        pytest.raises(SplitServerError, match="refused step 1") as err,
+    ):
         bad.exchange(1, activations, labels)
     assert message in str(err.value)
     # A refused batch changes nothing on the server.
@@ -100,7 +103,10 @@ def test_a_refused_step_can_be_sent_again_on_the_same_stream(served):
 
 def test_skipped_step_is_refused(served):
     server, tokens, split = served
-    with plane(server, tokens) as stream, pytest.raises(SplitServerError, match="expected step 1, got 2"):
+    with (
+        plane(server, tokens) as stream,
+        pytest.raises(SplitServerError, match="expected step 1, got 2"),
+    ):
         stream.exchange(2, *good_batch(split))
 
 
@@ -112,7 +118,10 @@ def next_round(server, tokens: dict[int, str]) -> dict[int, str]:
 
 CREDENTIAL_CASES = {
     "made-up token": (lambda server, tokens: {"token": "f" * 64}, "not valid for this run"),
-    "another node's token": (lambda server, tokens: {"token": tokens[OTHER]}, "not valid for this run"),
+    "another node's token": (
+        lambda server, tokens: {"token": tokens[OTHER]},
+        "not valid for this run",
+    ),
     "last round's token": (next_round, "not selected for round 1 (current round: 2)"),
 }
 
@@ -123,9 +132,12 @@ def test_stream_without_a_valid_credential_is_refused_and_logged(case, served, c
     make_overrides, reason = CREDENTIAL_CASES[case]
     round_one_tokens = dict(tokens)
     overrides = {"token": round_one_tokens[NODE]} | make_overrides(server, tokens)
-    with caplog.at_level("WARNING", logger="flwr_splitfed"):
-        with plane(server, tokens, **overrides) as stream, pytest.raises(SplitServerError) as err:
-            stream.exchange(1, *good_batch(split))
+    with (
+        caplog.at_level("WARNING", logger="flwr_splitfed"),
+        plane(server, tokens, **overrides) as stream,
+        pytest.raises(SplitServerError) as err,
+    ):
+        stream.exchange(1, *good_batch(split))
     assert "UNAUTHENTICATED" in str(err.value) and reason in str(err.value)
     assert any(
         f"node {NODE}" in record.getMessage() and reason in record.getMessage()
@@ -140,8 +152,9 @@ def test_stream_without_credential_metadata_is_refused(served):
     server, tokens, split = served
     channel = grpc.insecure_channel(server.address)
     call = channel.stream_stream(TRAIN_METHOD)
+    activations, labels = good_batch(split)
     request = encode_frame(
-        Frame(FrameKind.FORWARD, 1, tensors=dict(zip(("activations", "labels"), good_batch(split))))
+        Frame(FrameKind.FORWARD, 1, tensors={"activations": activations, "labels": labels})
     )
     with pytest.raises(grpc.RpcError) as err:
         list(call(iter([request])))
@@ -170,4 +183,6 @@ def test_garbage_bytes_get_an_error_frame(served):
 
 def test_unreachable_split_server_says_how_to_fix():
     with pytest.raises(SplitServerError, match="split-server-advertised-address"):
-        GrpcDataPlane(address="127.0.0.1:1", node_id=1, server_round=1, token="x", connect_timeout=0.5)
+        GrpcDataPlane(
+            address="127.0.0.1:1", node_id=1, server_round=1, token="x", connect_timeout=0.5
+        )

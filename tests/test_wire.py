@@ -28,19 +28,48 @@ from splitfed.wire import (
 def sample_values(dtype: torch.dtype) -> torch.Tensor:
     """Twelve values of ``dtype`` that include its extremes and, for floats, its special values."""
     if dtype == torch.bool:
-        return torch.tensor([True, False, False, True, True, True, False, True, False, False, True, False])
+        return torch.tensor(
+            [True, False, False, True, True, True, False, True, False, False, True, False]
+        )
     if dtype.is_floating_point:
         info = torch.finfo(dtype)
-        values = [1.5, -0.0, float("inf"), -float("inf"), float("nan"), info.max, info.min,
-                  info.tiny, info.eps, -2.25, 3.0, 0.1]
+        values = [
+            1.5,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            info.max,
+            info.min,
+            info.tiny,
+            info.eps,
+            -2.25,
+            3.0,
+            0.1,
+        ]
         return torch.tensor(values, dtype=torch.float64).to(dtype)
     info = torch.iinfo(dtype)
-    return torch.tensor([info.min, info.max, 0, 1, -1 if info.min < 0 else 2, 7,
-                         info.max - 1, info.min + 1, 3, 100, 5, 11], dtype=dtype)
+    return torch.tensor(
+        [
+            info.min,
+            info.max,
+            0,
+            1,
+            -1 if info.min < 0 else 2,
+            7,
+            info.max - 1,
+            info.min + 1,
+            3,
+            100,
+            5,
+            11,
+        ],
+        dtype=dtype,
+    )
 
 
 def assert_identical(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Same dtype, same shape and the very same bytes (so NaN and -0.0 count as equal to themselves)."""
+    """Same dtype, shape and bytes (so NaN and -0.0 count as equal to themselves)."""
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
     actual_bytes = actual.contiguous().reshape(-1).view(torch.uint8)
@@ -95,7 +124,9 @@ def test_round_trip_keeps_empty_tensors_with_their_shape(
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_round_trip_of_non_contiguous_tensors_gives_their_logical_values(dtype: torch.dtype) -> None:
+def test_round_trip_of_non_contiguous_tensors_gives_their_logical_values(
+    dtype: torch.dtype,
+) -> None:
     base = sample_values(dtype).reshape(3, 4)
     views = {"transposed": base.t(), "strided": base[:, ::2], "expanded": base[0].expand(2, 4)}
     assert not any(view.is_contiguous() for view in views.values())
@@ -123,7 +154,9 @@ def test_round_trip_keeps_kind_step_and_scalar_types() -> None:
     assert decoded.kind == FrameKind.BACKWARD
     assert decoded.step == 42
     assert decoded.scalars == scalars
-    assert {k: type(v) for k, v in decoded.scalars.items()} == {k: type(v) for k, v in scalars.items()}
+    assert {k: type(v) for k, v in decoded.scalars.items()} == {
+        k: type(v) for k, v in scalars.items()
+    }
     assert decoded.tensors == {}
 
 
@@ -153,9 +186,9 @@ def test_decoded_tensors_do_not_change_when_the_input_buffer_changes() -> None:
 
 
 def test_writing_a_decoded_tensor_leaves_the_input_buffer_and_other_tensors_alone() -> None:
-    data = bytearray(encode_frame(Frame(
-        FrameKind.FORWARD, 1, tensors={"a": torch.zeros(4), "b": torch.ones(4)}
-    )))
+    data = bytearray(
+        encode_frame(Frame(FrameKind.FORWARD, 1, tensors={"a": torch.zeros(4), "b": torch.ones(4)}))
+    )
     before = bytes(data)
     tensors = decode_frame(data).tensors
     tensors["a"].fill_(9.0)
@@ -168,10 +201,16 @@ def test_writing_a_decoded_tensor_leaves_the_input_buffer_and_other_tensors_alon
     ("odd", "aligned"),
     [
         (torch.tensor([1, -2, 3], dtype=torch.int8), torch.tensor([2**40, -(2**62), 5])),
-        (torch.tensor([True, False, True, True, False]), torch.tensor([1.5, -2.5], dtype=torch.float64)),
+        (
+            torch.tensor([True, False, True, True, False]),
+            torch.tensor([1.5, -2.5], dtype=torch.float64),
+        ),
         (torch.tensor([7], dtype=torch.uint8), torch.tensor([1.25, 2.5, -3.75])),
         (torch.tensor([1.5], dtype=torch.float16), torch.tensor([2**40, 3], dtype=torch.int64)),
-        (torch.tensor([1, 2, 3], dtype=torch.int16), torch.tensor([70000, -70000], dtype=torch.int32)),
+        (
+            torch.tensor([1, 2, 3], dtype=torch.int16),
+            torch.tensor([70000, -70000], dtype=torch.int32),
+        ),
     ],
     ids=["int8-int64", "bool-float64", "uint8-float32", "float16-int64", "int16-int32"],
 )
@@ -193,8 +232,11 @@ def test_wire_dtypes_name_each_dtype_by_its_torch_name() -> None:
     assert {torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool} <= set(DTYPES)
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128, torch.uint16],
-                         ids=["complex64", "complex128", "uint16"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.complex64, torch.complex128, torch.uint16],
+    ids=["complex64", "complex128", "uint16"],
+)
 def test_encoding_an_unsupported_dtype_names_the_accepted_dtypes(dtype: torch.dtype) -> None:
     frame = Frame(FrameKind.FORWARD, 1, tensors={"x": torch.zeros(2, dtype=dtype)})
     with pytest.raises(WireFormatError) as caught:
@@ -216,11 +258,14 @@ def test_decoding_a_frame_shorter_than_its_length_prefix_is_refused(data: bytes)
 
 
 def test_decoding_every_truncation_of_a_valid_frame_is_refused() -> None:
-    data = encode_frame(Frame(
-        FrameKind.FORWARD, 3,
-        tensors={"a": torch.randn(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)},
-        scalars={"loss": 0.5},
-    ))
+    data = encode_frame(
+        Frame(
+            FrameKind.FORWARD,
+            3,
+            tensors={"a": torch.randn(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)},
+            scalars={"loss": 0.5},
+        )
+    )
     for length in range(len(data)):
         with pytest.raises(WireFormatError):
             decode_frame(data[:length])
@@ -229,14 +274,24 @@ def test_decoding_every_truncation_of_a_valid_frame_is_refused() -> None:
 def test_decoding_a_header_length_beyond_the_frame_is_refused() -> None:
     header = json.dumps(forward_header()).encode()
     data = struct.pack("<I", len(header) + 10) + header
-    with pytest.raises(WireFormatError, match=rf"claims {len(header) + 10} bytes.*{len(data)} in all"):
+    with pytest.raises(
+        WireFormatError, match=rf"claims {len(header) + 10} bytes.*{len(data)} in all"
+    ):
         decode_frame(data)
 
 
 @pytest.mark.parametrize(
     "header",
-    [b"{not json", b'{"kind": "forward"', b"\xff\xfe\x00", b"[1, 2]", b"null",
-     b'{"step": 1}', b'{"kind": "forward"}', b'{"kind": "forward", "step": "one"}'],
+    [
+        b"{not json",
+        b'{"kind": "forward"',
+        b"\xff\xfe\x00",
+        b"[1, 2]",
+        b"null",
+        b'{"step": 1}',
+        b'{"kind": "forward"}',
+        b'{"kind": "forward", "step": "one"}',
+    ],
     ids=["garbage", "unterminated", "not-utf8", "list", "null", "no-kind", "no-step", "bad-step"],
 )
 def test_decoding_an_invalid_json_header_is_refused(header: bytes) -> None:
@@ -261,7 +316,9 @@ def test_decoding_a_byte_length_not_matching_shape_and_itemsize_is_refused(
 ) -> None:
     data = raw_frame(forward_header(["x", "float32", shape, nbytes]), b"\x00" * nbytes)
     expected = 4 * math.prod(shape)
-    with pytest.raises(WireFormatError, match=rf"'x'.*needs {expected} bytes, header says {nbytes}"):
+    with pytest.raises(
+        WireFormatError, match=rf"'x'.*needs {expected} bytes, header says {nbytes}"
+    ):
         decode_frame(data)
 
 
@@ -269,7 +326,9 @@ def test_decoding_a_tensor_running_past_the_end_of_the_frame_is_refused() -> Non
     data = raw_frame(
         forward_header(["a", "float32", [2], 8], ["b", "int64", [2], 16]), b"\x00" * 20
     )
-    with pytest.raises(WireFormatError, match=r"'b' runs past the end of the frame \(24 > 20 bytes\)"):
+    with pytest.raises(
+        WireFormatError, match=r"'b' runs past the end of the frame \(24 > 20 bytes\)"
+    ):
         decode_frame(data)
 
 
@@ -296,8 +355,13 @@ def test_decoding_a_negative_dimension_is_refused(shape: list[int]) -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    [["x", "float32", [1]], ["x", "float32", "ab", 4], ["x", "float32", [None], 4],
-     ["x", "float32", [1], "four"], "xyz"],
+    [
+        ["x", "float32", [1]],
+        ["x", "float32", "ab", 4],
+        ["x", "float32", [None], 4],
+        ["x", "float32", [1], "four"],
+        "xyz",
+    ],
     ids=["three-fields", "shape-string", "shape-null", "nbytes-string", "entry-string"],
 )
 def test_decoding_a_malformed_tensor_entry_is_refused(entry: object) -> None:
