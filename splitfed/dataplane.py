@@ -42,9 +42,6 @@ class Exchange:
 class DataPlane(Protocol):
     """What the client training loop needs from a transport."""
 
-    bytes_sent: int
-    bytes_received: int
-
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
         """Send one batch; return the gradient at the cut for it."""
         ...

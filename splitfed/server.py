@@ -233,7 +233,7 @@ class SplitServer:
             try:
                 frame = decode_frame(data)
                 step = frame.step
-                activations, labels = self.validate_batch(frame, expected_step=expected_step)
+                activations, labels = self._validate_batch(frame, expected_step=expected_step)
                 try:
                     result = self.trainer.step(node_id, activations, labels)
                 except Exception as err:  # the server half itself failed on this batch
@@ -258,7 +258,7 @@ class SplitServer:
                 self._stats.refused_batches += refused
             yield encoded
 
-    def validate_batch(
+    def _validate_batch(
         self, frame: Frame, *, expected_step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return a FORWARD frame's activations and labels, or raise :class:`BatchError`."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -172,19 +171,3 @@ def decode_frame(data: bytes | bytearray | memoryview) -> Frame:
             f"frame carries {len(payload) - offset} bytes that no tensor entry accounts for"
         )
     return Frame(kind=kind, step=step, tensors=tensors, scalars=scalars)
-
-
-def frame_scalars(frame: Frame, names: Mapping[str, type]) -> dict[str, Scalar]:
-    """Return the named scalars of ``frame`` with their types checked."""
-    values = {}
-    for name, kind in names.items():
-        if name not in frame.scalars:
-            raise WireFormatError(f"{frame.kind} frame lacks the {name!r} scalar")
-        value = frame.scalars[name]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-            raise WireFormatError(
-                f"{frame.kind} frame's {name!r} should be {kind.__name__}, "
-                f"got {type(value).__name__}"
-            )
-        values[name] = value
-    return values
