@@ -287,7 +287,7 @@ class SplitFed(Strategy):
         self.trainer.load_merged(_cast_like(merged, dtypes).to_torch_state_dict())
 
     def _check_client_half(self, arrays: ArrayRecord) -> None:
-        if tuple(arrays) != self.client_half_keys:
+        if set(arrays) != set(self.client_half_keys):
             raise ValueError(
                 "initial_arrays do not match the client half of the SplitModel: expected keys "
                 f"{list(self.client_half_keys)}, got {list(arrays)}. Pass "
