@@ -208,9 +208,10 @@ def train_client_half(
         )
 
     updated = ArrayRecord(client_half.state_dict())
-    context.state[STATE_OPTIMIZER_KEY] = ConfigRecord(
-        {"state": save_optimizer_state(torch_optimizer)}
-    )
+    if not reset_optimizer:
+        context.state[STATE_OPTIMIZER_KEY] = ConfigRecord(
+            {"state": save_optimizer_state(torch_optimizer)}
+        )
     if not ticket.send_client_half:
         context.state[STATE_CLIENT_HALF_KEY] = updated
     elif STATE_CLIENT_HALF_KEY in context.state.array_records:

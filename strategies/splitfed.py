@@ -63,7 +63,8 @@ class SplitFed(Strategy):
         FedAvg weighted by examples, whatever ``aggregator`` does with the client halves.
     merge_every : int (default: 1)
         Merge client halves (and SFLV1 server-half copies) every this many rounds, and after
-        the last round. Between merges each client trains on from its own client half.
+        the last round. Between merges each client trains on from its own client half (from the
+        global one if it has none, e.g. when it was not selected in the previous round).
     split_server_address : str (default: "127.0.0.1:0")
         Where the split server listens; port 0 picks a free port.
     advertised_address : str | None (default: None)
