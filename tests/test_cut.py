@@ -16,22 +16,9 @@ import torch
 from torch import nn
 
 from splitfed.cut import CutError, SplitModel, join_halves, split_model
+from tests.conftest import small_cnn
 
 CNN_NAMES = ["conv", "norm", "relu", "pool", "flatten", "fc"]
-
-
-def small_cnn(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            conv=nn.Conv2d(1, 3, kernel_size=3, padding=1),
-            norm=nn.BatchNorm2d(3),
-            relu=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc=nn.Linear(3 * 4 * 4, 5),
-        )
-    )
 
 
 def small_mlp(seed: int = 0) -> nn.Sequential:
@@ -180,10 +167,10 @@ def test_full_model_shares_parameters_with_the_halves() -> None:
 def test_split_records_activation_shape_without_batch_dim_and_dtype() -> None:
     split = split_model(small_cnn(), cut="pool", sample_input=cnn_batch(5))
     assert isinstance(split, SplitModel)
-    assert split.activation_shape == (3, 4, 4)
+    assert split.activation_shape == (4, 4, 4)
     assert split.activation_dtype == torch.float32
     flat = split_model(small_cnn(), cut="flatten", sample_input=cnn_batch(5))
-    assert flat.activation_shape == (48,)
+    assert flat.activation_shape == (64,)
 
 
 def test_split_records_the_dtype_of_a_float64_model() -> None:
