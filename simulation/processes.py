@@ -15,12 +15,13 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
-__all__ = ["die_with_parent", "kill_descendants", "supervise"]
+__all__ = ["descendants", "die_with_parent", "free_port", "kill_descendants", "supervise"]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -34,6 +35,13 @@ def _prctl(option: int, value: int) -> None:
 def die_with_parent() -> None:
     """``preexec_fn`` for a child that must get SIGTERM when its parent dies, even by SIGKILL."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -50,7 +58,8 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def _descendants(pid: int) -> set[int]:
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, however deep."""
     children, found, todo = _children_by_parent(), set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -72,17 +81,17 @@ def _reap() -> None:
 
 def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
     """SIGTERM every descendant of ``pid``, wait up to ``grace`` seconds, then SIGKILL the rest."""
-    for child in _descendants(pid):
+    for child in descendants(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         _reap()
-        if not _descendants(pid):
+        if not descendants(pid):
             return
         time.sleep(0.1)
     # Some (orphaned Ray agents among them) ignore SIGTERM.
-    for child in _descendants(pid):
+    for child in descendants(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
     time.sleep(0.2)
@@ -99,7 +108,7 @@ def supervise(command: list[str]) -> int:
     child = subprocess.Popen(command, start_new_session=True)
     while not stop.wait(0.2):
         _reap()
-        if child.poll() is not None and not _descendants(os.getpid()):
+        if child.poll() is not None and not descendants(os.getpid()):
             break
     kill_descendants(os.getpid())
     return child.returncode if child.returncode is not None else 0

@@ -1,13 +1,16 @@
 """End to end: the app under `flwr run` on Flower's simulation engine (a real SuperLink and Ray).
 
 Each test launches the app as a user does (``python -m simulation.launch``'s ``run_app``) and
-checks what it wrote to disk, and that nothing it started is still running afterwards.
+checks what it wrote to disk, and that nothing it started is still running afterwards. The runs
+attach to one Ray cluster of two nodes, started once for the module, as on a lab's cluster; the
+accuracy test for SFLV1 runs as the README's demo does, on a private Ray instance.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import threading
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 
 from simulation.config import AppConfig
 from simulation.launch import run_app
+from simulation.ray_cluster import LocalRayCluster, RayNode
 from simulation.task import digits_split, partition_loader, round_shuffle_seed
 
 pytestmark = pytest.mark.slow
@@ -44,13 +48,24 @@ def flower_processes() -> set[int]:
     return found
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node and one more node, two CPUs each, made with ``ray start``."""
+    with LocalRayCluster([RayNode(num_cpus=2), RayNode(num_cpus=2)]) as cluster:
+        yield cluster
+
+
 @pytest.fixture
-def launch(tmp_path):
-    """``run_app`` with an output folder of the test's own; asserts that it leaves no process."""
+def launch(tmp_path, ray_cluster):
+    """``run_app`` on the cluster, with an output folder of the test's own; asserts that it
+    leaves no process (the cluster's own processes were there before and stay)."""
     before = flower_processes()
 
-    def launch_app(**kwargs):
-        return run_app(output_dir=tmp_path / "out", echo=False, timeout=600, **kwargs)
+    def launch_app(*, private_ray=False, **kwargs):
+        address = None if private_ray else ray_cluster.address
+        return run_app(
+            output_dir=tmp_path / "out", echo=False, timeout=600, ray_address=address, **kwargs
+        )
 
     yield launch_app
     left = flower_processes() - before
@@ -206,7 +221,8 @@ def test_client_halves_can_be_merged_by_another_flower_strategy(launch):
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
-    result = launch(run_config={"variant": variant}, num_supernodes=10)
+    # SFLV1 as the demo runs it (a private Ray instance); SFLV2 on the cluster.
+    result = launch(run_config={"variant": variant}, num_supernodes=10, private_ray=variant == "v1")
     assert result.completed, result.failure_report()
     final = result.metrics[max(result.metrics)]
     assert final["test-accuracy"] >= 0.95, result.metrics
@@ -223,3 +239,41 @@ def test_a_bad_run_config_fails_the_run_with_the_reason(launch):
     result = launch(run_config={"variant": "v3", "num-server-rounds": 1}, num_supernodes=2)
     assert result.status == "finished:failed"
     assert "variant must be one of v1, v2; got 'v3'" in result.details
+
+
+def client_app_nodes(cluster: LocalRayCluster) -> set[int]:
+    """Indices of the cluster nodes on which a ClientApp actor runs now."""
+    nodes = set()
+    for index, pids in enumerate(cluster.process_ids_by_node()):
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"ClientAppActor" in cmdline.read():
+                        nodes.add(index)
+            except OSError:
+                continue
+    return nodes
+
+
+def test_client_apps_spread_over_the_cluster_and_reach_the_split_server(launch, ray_cluster):
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.3):
+            seen.update(client_app_nodes(ray_cluster))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        result = launch(run_config={"num-server-rounds": 2}, num_supernodes=6)
+    finally:
+        done.set()
+        watcher.join()
+    assert result.completed, result.failure_report()
+    # Four one-CPU ClientApps on two two-CPU nodes: both nodes run some.
+    assert seen == {0, 1}
+    assert all(
+        m["clients"] == 6 and m["failed-clients"] == 0 and m["refused-streams"] == 0
+        for m in result.metrics.values()
+    )
