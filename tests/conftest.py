@@ -249,14 +249,16 @@ def launch(tmp_path, ray_cluster):
         assert_none_left(marker, "a run")
 
 
-def client_app_actors(cluster: LocalRayCluster) -> dict[int, int]:
-    """The Ray actor processes that run ClientApps now: pid -> index of the cluster node."""
+def client_app_actors(cluster: LocalRayCluster, *, running: bool = False) -> dict[int, int]:
+    """The Ray actor processes that host ClientApps: pid -> index of the cluster node. With
+    ``running``, only those executing a message now (Ray titles them ``ClientAppActor.run``)."""
+    title = b"ray::ClientAppActor.run" if running else b"ray::ClientAppActor"
     actors = {}
     for index, pids in enumerate(cluster.process_ids_by_node()):
         for pid in pids:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                    if b"ClientAppActor" in cmdline.read():
+                    if cmdline.read().startswith(title):
                         actors[pid] = index
             except OSError:
                 continue
