@@ -1,11 +1,14 @@
-"""Shared test pieces: a small model with buffers, digits batches, running split servers."""
+"""Shared test pieces: a small model with buffers, digits batches, running split servers, and the
+processes of Flower's engines (to check that a test leaves none behind)."""
 
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +163,49 @@ def run_concurrently(*calls) -> list:
     if errors:
         raise errors[0]
     return results
+
+
+# Command-line fragments of the processes Flower's engines start: SuperLink, SuperNodes, their
+# executors and the apps they run, the simulation and Ray.
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "flwr-simulation",
+    "raylet",
+    "gcs_server",
+)
+
+
+def flower_processes(*, flwr_home_under: Path | None = None) -> set[int]:
+    """PIDs of processes that belong to a Flower simulation or deployment.
+
+    With ``flwr_home_under``, only those whose ``FLWR_HOME`` lies in that folder: the processes
+    of one deployment, not those of other runs on the machine.
+    """
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            if not any(name in command for name in FLOWER_PROCESSES):
+                continue
+            if flwr_home_under is not None and not _flwr_home_under(int(entry), flwr_home_under):
+                continue
+        except OSError:
+            continue
+        found.add(int(entry))
+    return found
+
+
+def _flwr_home_under(pid: int, folder: Path) -> bool:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        for variable in environ.read().split(b"\0"):
+            if variable.startswith(b"FLWR_HOME="):
+                home = Path(variable.split(b"=", 1)[1].decode(errors="replace"))
+                return home.is_relative_to(folder)
+    return False

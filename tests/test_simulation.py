@@ -9,7 +9,6 @@ accuracy test for SFLV1 runs as the README's demo does, on a private Ray instanc
 from __future__ import annotations
 
 import copy
-import os
 import threading
 
 import pytest
@@ -20,32 +19,9 @@ from simulation.config import AppConfig
 from simulation.launch import run_app
 from simulation.ray_cluster import LocalRayCluster, RayNode
 from simulation.task import digits_split, partition_loader, round_shuffle_seed
+from tests.conftest import flower_processes
 
 pytestmark = pytest.mark.slow
-
-FLOWER_PROCESSES = (
-    "flower-superlink",
-    "flower-superexec",
-    "flwr-simulation",
-    "raylet",
-    "gcs_server",
-)
-
-
-def flower_processes() -> set[int]:
-    """PIDs of processes that belong to a Flower simulation (SuperLink, executor, Ray)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(name in command for name in FLOWER_PROCESSES):
-            found.add(int(entry))
-    return found
 
 
 @pytest.fixture(scope="module")
