@@ -36,6 +36,10 @@ class AppConfig:
     seed: int = 0
     split_server_address: str = "127.0.0.1:0"
     split_server_advertised_address: str = ""
+    split_server_insecure: bool = True
+    split_server_certfile: str = ""
+    split_server_keyfile: str = ""
+    split_server_ca_certfile: str = ""
     output_dir: str = ""
     client_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
     server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
@@ -62,6 +66,22 @@ class AppConfig:
             problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
         if not self.dirichlet_alpha > 0:
             problems.append(f"dirichlet-alpha={self.dirichlet_alpha} must be positive")
+        tls_files = {
+            "split-server-certfile": self.split_server_certfile,
+            "split-server-keyfile": self.split_server_keyfile,
+            "split-server-ca-certfile": self.split_server_ca_certfile,
+        }
+        if self.split_server_insecure and any(tls_files.values()):
+            problems.append(
+                "split-server-insecure=true ignores the TLS files given; set "
+                "split-server-insecure=false to serve TLS with them"
+            )
+        missing = [key for key, path in tls_files.items() if not path]
+        if not self.split_server_insecure and missing:
+            problems.append(
+                f"split-server-insecure=false needs {', '.join(missing)} (PEM files on the "
+                "machine that runs the ServerApp)"
+            )
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
 

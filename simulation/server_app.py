@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
 from flwr.supercore import log
 
+from splitfed import TLSCredentials
 from strategies import SplitFed, SplitFedResult
 
 from .config import AppConfig
@@ -40,6 +41,14 @@ def main(grid: Grid, context: Context) -> None:
         merge_every=config.merge_every,
         split_server_address=config.split_server_address,
         advertised_address=config.split_server_advertised_address or None,
+        tls=None
+        if config.split_server_insecure
+        else TLSCredentials.from_files(
+            certfile=config.split_server_certfile,
+            keyfile=config.split_server_keyfile,
+            ca_certfile=config.split_server_ca_certfile,
+        ),
+        insecure=config.split_server_insecure,
     )
     full_model = split.full_model()
 

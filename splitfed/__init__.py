@@ -10,6 +10,7 @@ from .cut import CutError, SplitModel, join_halves, split_model
 from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
 from .server import BatchError, RoundStats, SplitServer, round_token
 from .server_half import ServerHalfTrainer, SFLV1Trainer, SFLV2Trainer, StepResult, make_trainer
+from .tls import TLSCredentials, TLSError
 
 __all__ = [
     "BatchError",
@@ -27,6 +28,8 @@ __all__ = [
     "SplitServer",
     "SplitServerError",
     "StepResult",
+    "TLSCredentials",
+    "TLSError",
     "TrainStats",
     "Variant",
     "join_halves",

@@ -40,6 +40,8 @@ class DataPlaneTicket:
     """Train from this client's own client half of its last round, not the message's arrays."""
     send_client_half: bool = True
     """Reply with the client half; false in rounds after which client halves are not merged."""
+    root_certificates: str = ""
+    """PEM CA certificate(s) to verify the split server's TLS certificate; empty: plaintext."""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -49,6 +51,7 @@ class DataPlaneTicket:
                 "server-round": self.server_round,
                 "resume-local": self.resume_local,
                 "send-client-half": self.send_client_half,
+                "root-certificates": self.root_certificates,
             }
         )
 
@@ -66,6 +69,7 @@ class DataPlaneTicket:
             server_round=int(record["server-round"]),
             resume_local=bool(record["resume-local"]),
             send_client_half=bool(record["send-client-half"]),
+            root_certificates=str(record.get("root-certificates", "")),
         )
 
 
@@ -197,6 +201,7 @@ def train_client_half(
         node_id=msg.metadata.dst_node_id,
         server_round=ticket.server_round,
         token=ticket.token,
+        root_certificates=ticket.root_certificates.encode() or None,
     ) as data_plane:
         stats = run_local_epochs(
             client_half=client_half,

@@ -64,6 +64,9 @@ class GrpcDataPlane:
         The round the credential is valid for.
     token : str
         The per-round credential from Flower's ``train`` message.
+    root_certificates : bytes | None (default: None)
+        PEM CA certificate(s) to verify the split server's TLS certificate with; ``None``
+        connects in plaintext (a split server started with ``insecure=True``).
     connect_timeout : float (default: 30.0)
         Seconds to wait for the split server to accept the connection.
     """
@@ -75,20 +78,27 @@ class GrpcDataPlane:
         node_id: int,
         server_round: int,
         token: str,
+        root_certificates: bytes | None = None,
         connect_timeout: float = 30.0,
     ) -> None:
         self.address = address
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        if root_certificates is None:
+            self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
             raise SplitServerError(
                 f"could not reach the split server at {address} within {connect_timeout:.0f} s; "
-                "check that the ServerApp is running and that this address is reachable from "
-                "the client (set split-server-advertised-address if it is not)"
+                "check that the ServerApp is running, that this address is reachable from "
+                "the client (set split-server-advertised-address if it is not), and, with TLS, "
+                "that the split server's certificate names this address and is signed by the "
+                "CA in split-server-ca-certfile"
             ) from None
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         call = self._channel.stream_stream(TRAIN_METHOD)

@@ -27,6 +27,7 @@ import grpc
 import torch
 
 from .server_half import ServerHalfTrainer
+from .tls import TLSCredentials
 from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
 
 __all__ = ["BatchError", "RoundStats", "SplitServer", "round_token"]
@@ -92,6 +93,11 @@ class SplitServer:
         server through another name or address.
     max_streams : int (default: 64)
         Most concurrent client streams; one more is refused with RESOURCE_EXHAUSTED.
+    tls : TLSCredentials | None (default: None)
+        Serve TLS with this certificate. Required unless ``insecure=True``.
+    insecure : bool (default: False)
+        Serve plaintext: activations, labels and gradients cross the network unencrypted.
+        Only for a single machine or a private network; it logs a warning.
     """
 
     def __init__(
@@ -103,7 +109,18 @@ class SplitServer:
         address: str = "127.0.0.1:0",
         advertised_address: str | None = None,
         max_streams: int = 64,
+        tls: TLSCredentials | None = None,
+        insecure: bool = False,
     ) -> None:
+        if tls is None and not insecure:
+            raise ValueError(
+                "the split server needs TLS credentials: pass tls=TLSCredentials.from_files("
+                "certfile=..., keyfile=..., ca_certfile=...), or insecure=True to serve "
+                "plaintext on a single machine or a private network"
+            )
+        if tls is not None and insecure:
+            raise ValueError("pass either tls=... or insecure=True, not both")
+        self.tls = tls
         self.trainer = trainer
         self.activation_shape = tuple(activation_shape)
         self.activation_dtype = activation_dtype
@@ -135,7 +152,13 @@ class SplitServer:
         server.add_generic_rpc_handlers((handler,))
         host = self.bind_address.rsplit(":", 1)[0]
         try:
-            port = server.add_insecure_port(self.bind_address)
+            if self.tls is None:
+                port = server.add_insecure_port(self.bind_address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.tls.private_key, self.tls.certificate_chain)]
+                )
+                port = server.add_secure_port(self.bind_address, credentials)
         except RuntimeError as err:
             raise OSError(
                 f"the split server cannot listen on {self.bind_address!r}: {err}. "
@@ -150,13 +173,24 @@ class SplitServer:
         else:
             self.address = f"{host}:{port}"
         logger.info(
-            "Split server listening on %s (clients dial %s)", self.bind_address, self.address
+            "Split server listening on %s with %s (clients dial %s)",
+            self.bind_address,
+            "TLS" if self.tls else "no TLS",
+            self.address,
         )
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
+        if self.tls is None:
+            reach = (
+                "this machine only"
+                if host in ("127.0.0.1", "localhost", "[::1]")
+                else "the network, UNENCRYPTED"
+            )
             logger.warning(
-                "The split server listens on %s without TLS: activations, labels and gradients "
-                "cross the network unencrypted. Keep it on a private network",
+                "INSECURE: the split server on %s serves plaintext to %s: activations, labels "
+                "and gradients are readable by anyone on the path. Give it TLS credentials "
+                "(split-server-certfile/-keyfile/-ca-certfile) for anything but a single "
+                "machine or a private network",
                 self.bind_address,
+                reach,
             )
         return self.address
 

@@ -20,6 +20,7 @@ from splitfed.config import OptimizerConfig, Variant
 from splitfed.cut import SplitModel
 from splitfed.server import RoundStats, SplitServer
 from splitfed.server_half import LossFn, make_trainer
+from splitfed.tls import TLSCredentials
 
 __all__ = ["SplitFed", "SplitFedEvaluateFn", "SplitFedResult"]
 
@@ -73,6 +74,13 @@ class SplitFed(Strategy):
         Where the server half runs.
     max_streams : int (default: 64)
         Most clients streaming at once.
+    tls : TLSCredentials | None (default: None)
+        The split server's TLS certificate and CA. Clients receive the CA inside their
+        ``train`` message and verify the split server with it. Required unless
+        ``insecure=True``.
+    insecure : bool (default: False)
+        Serve the data plane in plaintext, for a single machine or a private network only;
+        logs a warning.
     """
 
     def __init__(
@@ -88,6 +96,8 @@ class SplitFed(Strategy):
         advertised_address: str | None = None,
         device: str = "cpu",
         max_streams: int = 64,
+        tls: TLSCredentials | None = None,
+        insecure: bool = False,
     ) -> None:
         if merge_every < 1:
             raise ValueError(f"merge_every must be at least 1; got {merge_every}")
@@ -109,7 +119,10 @@ class SplitFed(Strategy):
             address=split_server_address,
             advertised_address=advertised_address,
             max_streams=max_streams,
+            tls=tls,
+            insecure=insecure,
         )
+        self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0
         self._round_started = 0.0
         self._round_metrics: dict[int, MetricRecord] = {}
@@ -123,6 +136,9 @@ class SplitFed(Strategy):
         log(INFO, "\t├──> SplitFed settings:")
         log(INFO, "\t│\t├── Variant: SFL%s", self.variant.upper())
         log(INFO, "\t│\t├── Split server: %s", self.split_server.address or "(not started)")
+        log(
+            INFO, "\t│\t├── Data-plane TLS: %s", "on" if self.split_server.tls else "OFF (insecure)"
+        )
         log(INFO, "\t│\t├── Server optimizer: %s", self.trainer.optimizer_config)
         log(INFO, "\t│\t├── Merge every: %d round(s)", self.merge_every)
         log(INFO, "\t│\t└── Client-half aggregator: %s", type(self.aggregator).__name__)
@@ -148,6 +164,7 @@ class SplitFed(Strategy):
                 server_round=server_round,
                 resume_local=resume_local,
                 send_client_half=self._merges_after(server_round),
+                root_certificates=self._root_certificates,
             )
             # The aggregator may share one RecordDict among its messages: give each its own.
             content = RecordDict({**msg.content, TICKET_KEY: ticket.to_record()})

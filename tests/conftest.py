@@ -69,6 +69,7 @@ def start_split_server(
         trainer=trainer,
         activation_shape=split.activation_shape,
         activation_dtype=split.activation_dtype,
+        insecure=True,  # loopback only
     )
     server.start()
     return server

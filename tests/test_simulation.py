@@ -29,6 +29,9 @@ def ray_cluster():
     """A head node and one more node, two CPUs each, made with ``ray start``."""
     with LocalRayCluster([RayNode(num_cpus=2), RayNode(num_cpus=2)]) as cluster:
         yield cluster
+        started = set().union(*cluster.process_ids_by_node())
+    left = started & flower_processes()
+    assert not left, f"Ray cluster processes left running after it stopped: {sorted(left)}"
 
 
 @pytest.fixture
@@ -44,7 +47,8 @@ def launch(tmp_path, ray_cluster):
         )
 
     yield launch_app
-    left = flower_processes() - before
+    cluster_processes = set().union(*ray_cluster.process_ids_by_node())
+    left = flower_processes() - before - cluster_processes
     assert not left, f"processes left running after the run: {sorted(left)}"
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import secrets
 
 import grpc
 import pytest
 import torch
 
 from splitfed import GrpcDataPlane, SplitServerError
-from splitfed.server import TRAIN_METHOD
+from splitfed.server import TRAIN_METHOD, round_token
 from splitfed.wire import Frame, FrameKind, decode_frame, encode_frame
 from tests.conftest import SGD_MOMENTUM, digits_batches, small_split, train_through
 
@@ -118,6 +119,10 @@ def next_round(server, tokens: dict[int, str]) -> dict[int, str]:
 
 CREDENTIAL_CASES = {
     "made-up token": (lambda server, tokens: {"token": "f" * 64}, "not valid for this run"),
+    "another run's token": (
+        lambda server, tokens: {"token": round_token(secrets.token_bytes(32), 1, NODE)},
+        "not valid for this run",
+    ),
     "another node's token": (
         lambda server, tokens: {"token": tokens[OTHER]},
         "not valid for this run",
