@@ -19,8 +19,6 @@ Flower 1.41 serves the Fleet, Control and ServerAppIo APIs of the SuperLink on o
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import json
 import os
 import shutil
@@ -35,11 +33,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .certificates import issue_certificate, make_certificates
 from .launch import (
     REPO_ROOT,
     LaunchResult,
@@ -60,13 +57,12 @@ __all__ = [
     "Certificates",
     "LocalDeployment",
     "SuperNodeKeys",
-    "make_certificates",
+    "make_deployment_certificates",
     "make_supernode_keys",
     "run_app",
 ]
 
 CONNECTION = "splitfed-deployment"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
 # --- certificates and keys -------------------------------------------------------------------
@@ -74,13 +70,13 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 @dataclass(frozen=True)
 class Certificates:
-    """PEM files of a private CA and the certificates it signed.
+    """PEM files of a private CA and the two server certificates it signed.
 
     ``ca_cert`` goes to every machine that verifies a server (SuperNodes' ``--root-certificates``,
-    the ``root-certificates`` of a ``flwr`` connection, the split server's
-    ``split-server-ca-certfile``); ``ca_key`` stays offline. The SuperLink serves
-    ``superlink_cert`` and ``superlink_key``, the split server ``split_server_cert`` and
-    ``split_server_key``.
+    the ``root-certificates`` of a ``flwr`` connection, the ServerApp's
+    ``split-server-ca-certfile``, which it ships to the clients); ``ca_key`` stays offline. The
+    SuperLink serves ``superlink_cert`` and ``superlink_key``, the split server
+    ``split_server_cert`` and ``split_server_key``.
     """
 
     ca_cert: Path
@@ -91,72 +87,11 @@ class Certificates:
     split_server_key: Path
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _subject_alternative_names(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return x509.SubjectAlternativeName(names)
-
-
-def _issue(
-    *,
-    common_name: str,
-    hosts: tuple[str, ...],
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    days: int,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(_subject_alternative_names(hosts), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=False,
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def make_certificates(
+def make_deployment_certificates(
     directory: Path,
     *,
-    superlink_hosts: tuple[str, ...] = LOOPBACK_NAMES,
-    split_server_hosts: tuple[str, ...] = LOOPBACK_NAMES,
+    superlink_hosts: list[str] | None = None,
+    split_server_hosts: list[str] | None = None,
     days: int = 30,
 ) -> Certificates:
     """Make a private CA and, signed by it, a SuperLink and a split-server certificate.
@@ -164,67 +99,36 @@ def make_certificates(
     Parameters
     ----------
     directory : Path
-        Where the PEM files are written (created if missing): ``ca.pem``, ``ca.key``,
-        ``superlink.pem``, ``superlink.key``, ``split-server.pem``, ``split-server.key``.
-    superlink_hosts : tuple[str, ...] (default: ("127.0.0.1", "localhost"))
-        IP addresses and DNS names the SuperLink is reached by (the certificate's SANs); every
-        address a SuperNode or ``flwr`` dials must be among them.
-    split_server_hosts : tuple[str, ...] (default: ("127.0.0.1", "localhost"))
-        The same for the split server: the host of ``split-server-advertised-address``.
+        Where the PEM files are written (created if missing): ``ca.crt``, ``ca.key``,
+        ``server.crt`` and ``server.key`` (the SuperLink's), ``split-server.crt``,
+        ``split-server.key``.
+    superlink_hosts, split_server_hosts : list[str] | None (default: None)
+        IP addresses and DNS names each server is dialled by, besides ``localhost`` and
+        ``127.0.0.1`` (the certificate's SANs): the SuperLink's address that SuperNodes and
+        ``flwr`` use; the host of ``split-server-advertised-address``.
     days : int (default: 30)
         How long the certificates are valid.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flwr-splitfed local CA")])
-    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_encipherment=False,
-                content_commitment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    superlink = make_certificates(directory, hosts=superlink_hosts, days=days)
+    ca_key = directory / "ca.key"
+    split_cert, split_key = issue_certificate(
+        ca_certfile=superlink.ca_certfile,
+        ca_keyfile=ca_key,
+        certfile=directory / "split-server.crt",
+        keyfile=directory / "split-server.key",
+        hosts=split_server_hosts,
+        common_name="flwr-splitfed split server",
+        days=days,
     )
-    files = Certificates(
-        ca_cert=directory / "ca.pem",
-        ca_key=directory / "ca.key",
-        superlink_cert=directory / "superlink.pem",
-        superlink_key=directory / "superlink.key",
-        split_server_cert=directory / "split-server.pem",
-        split_server_key=directory / "split-server.key",
+    return Certificates(
+        ca_cert=superlink.ca_certfile,
+        ca_key=ca_key,
+        superlink_cert=superlink.certfile,
+        superlink_key=superlink.keyfile,
+        split_server_cert=split_cert,
+        split_server_key=split_key,
     )
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(files.ca_key, ca_key)
-    for name, hosts, cert_path, key_path in (
-        ("superlink", superlink_hosts, files.superlink_cert, files.superlink_key),
-        ("split-server", split_server_hosts, files.split_server_cert, files.split_server_key),
-    ):
-        cert, key = _issue(common_name=name, hosts=hosts, ca_cert=ca_cert, ca_key=ca_key, days=days)
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_path, key)
-    return files
 
 
 @dataclass(frozen=True)
@@ -363,7 +267,7 @@ class LocalDeployment:
         self.logs.mkdir(exist_ok=True)
         self.port = free_port()
         if self.tls:
-            self.certificates = make_certificates(self.work_dir / "certs")
+            self.certificates = make_deployment_certificates(self.work_dir / "certs")
         self._write_connection()
         self._start_superlink()
         if self.supernode_auth:

@@ -49,6 +49,8 @@ def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tm
         assert m["merged"] == 1 and m["refused-streams"] == 0, (server_round, m)
         assert m["data-plane-batches"] == batches_per_round, (server_round, m)
 
+    # The split server served TLS with the deployment's certificate.
+    assert "Data-plane TLS: on" in result.log
     # The SuperLink served HTTPS and admitted exactly the two registered SuperNodes, which
     # each got one train message per round.
     superlink_log = (result.output_dir / "superlink.log").read_text()
