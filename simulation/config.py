@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from splitfed import OptimizerConfig, Variant
@@ -41,6 +43,8 @@ class AppConfig:
     split_server_keyfile: str = ""
     split_server_ca_certfile: str = ""
     output_dir: str = ""
+    round_timeout: float = 600.0
+    server_device: str = "cpu"
     client_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
     server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
 
@@ -66,6 +70,13 @@ class AppConfig:
             problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
         if not self.dirichlet_alpha > 0:
             problems.append(f"dirichlet-alpha={self.dirichlet_alpha} must be positive")
+        if not self.round_timeout > 0:
+            problems.append(f"round-timeout={self.round_timeout} must be positive (seconds)")
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.server_device):
+            problems.append(
+                f"server-device={self.server_device!r} must be 'cpu', 'cuda', 'cuda:N', 'mps' "
+                "or 'auto' (cuda when available)"
+            )
         tls_files = {
             "split-server-certfile": self.split_server_certfile,
             "split-server-keyfile": self.split_server_keyfile,
@@ -84,6 +95,27 @@ class AppConfig:
             )
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
+
+    def fingerprint(self) -> str:
+        """Identifies what a checkpoint depends on: every key but the output folder and the
+        number of rounds (a run may be resumed to train longer)."""
+        relevant = replace(self, output_dir="", num_server_rounds=1)
+        return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
+
+    def resolved_server_device(self) -> str:
+        """``server-device`` with ``auto`` resolved; refuses a device this machine lacks."""
+        import torch  # noqa: PLC0415 - keeps the config importable without loading torch
+
+        if self.server_device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.server_device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"server-device={self.server_device!r} but this machine has no CUDA device; "
+                "use server-device='cpu' or 'auto'"
+            )
+        if self.server_device == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("server-device='mps' but MPS is not available; use 'cpu' or 'auto'")
+        return self.server_device
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:

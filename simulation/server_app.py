@@ -22,6 +22,10 @@ from .task import digits_split, evaluate_model, load_digits_split
 
 app = ServerApp()
 
+CHECKPOINT_NAME = "checkpoint.pt"
+"""Written to ``output-dir`` after every merged round; a run with the same output folder and
+run config resumes from it."""
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -49,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
             ca_certfile=config.split_server_ca_certfile,
         ),
         insecure=config.split_server_insecure,
+        device=config.resolved_server_device(),
     )
     full_model = split.full_model()
 
@@ -60,11 +65,15 @@ def main(grid: Grid, context: Context) -> None:
         loss, accuracy = evaluate_model(full_model, data.test_images, data.test_labels)
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
+    output_dir = Path(config.output_dir) if config.output_dir else None
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(split.client_half.state_dict()),
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         evaluate_fn=evaluate,
+        checkpoint_path=output_dir / CHECKPOINT_NAME if output_dir else None,
+        run_fingerprint=config.fingerprint(),
     )
     final = result.evaluate_metrics_serverapp[config.num_server_rounds]
     log(
@@ -75,8 +84,8 @@ def main(grid: Grid, context: Context) -> None:
         config.num_server_rounds,
         config.variant.upper(),
     )
-    if config.output_dir:
-        save_result(Path(config.output_dir), result, split.client_half, split.server_half)
+    if output_dir is not None:
+        save_result(output_dir, result, split.client_half, split.server_half)
 
 
 def make_aggregator(config: AppConfig) -> Strategy:

@@ -7,6 +7,7 @@ the training loop itself, independent of Flower.
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 from .config import OptimizerConfig, load_optimizer_state, save_optimizer_state
 from .dataplane import DataPlane, GrpcDataPlane
 
-__all__ = ["DataPlaneTicket", "TrainStats", "run_local_epochs", "train_client_half"]
+__all__ = ["DataPlaneTicket", "TrainStats", "peak_rss_mb", "run_local_epochs", "train_client_half"]
 
 # Keys of what the plugin adds to Flower messages and to a node's context.state.
 TICKET_KEY = "splitfed"
@@ -93,8 +94,15 @@ class TrainStats:
                 "train-accuracy": self.correct / n,
                 "steps": self.steps,
                 "train-seconds": self.seconds,
+                # The whole process: in simulation a Ray actor that may have run other clients.
+                "peak-rss-mb": peak_rss_mb(),
             }
         )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_local_epochs(

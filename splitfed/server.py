@@ -129,9 +129,12 @@ class SplitServer:
         self.max_streams = max_streams
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
+        self._steps_done = threading.Condition(self._lock)
         self._round = 0
         self._selected: frozenset[int] = frozenset()
         self._stats = RoundStats(server_round=0)
+        self._streams: dict[int, grpc.ServicerContext] = {}  # open streams of this round
+        self._steps_in_flight = 0
         self._server: grpc.Server | None = None
         self.address: str | None = None
 
@@ -220,9 +223,25 @@ class SplitServer:
         return {node_id: round_token(self._secret, server_round, node_id) for node_id in node_ids}
 
     def close_round(self) -> RoundStats:
-        """Stop admitting streams for the current round and return its statistics."""
+        """End the current round and return its statistics.
+
+        Streams still open (a client that stalled, or whose reply Flower stopped waiting for)
+        are cut, and steps already running finish first: once this returns, no batch of the
+        round can change the server half.
+        """
         with self._lock:
             self._selected = frozenset()
+            open_streams = dict(self._streams)
+            self._streams.clear()
+            for node_id, context in open_streams.items():
+                logger.warning(
+                    "Split server cut the stream of node %s: round %s ended before the client "
+                    "finished (it stalled, failed, or its reply came too late)",
+                    node_id,
+                    self._round,
+                )
+                context.cancel()
+            self._steps_done.wait_for(lambda: self._steps_in_flight == 0)
             stats = self._stats
         stats.examples_by_node = dict(self.trainer.examples_by_node)
         return stats
@@ -248,6 +267,12 @@ class SplitServer:
                 node_id,
                 f"node is not selected for round {server_round} (current round: {current_round})",
             )
+        with self._lock:
+            duplicate = node_id in self._streams
+            if not duplicate:
+                self._streams[node_id] = context
+        if duplicate:
+            self._refuse(context, node_id, "the node already has a stream open in this round")
         return node_id
 
     def _refuse(self, context: grpc.ServicerContext, node_id: object, reason: str) -> NoReturn:
@@ -261,8 +286,22 @@ class SplitServer:
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         node_id = self._authenticate(context)
+        try:
+            yield from self._serve_batches(node_id, requests, context)
+        finally:
+            with self._lock:
+                if self._streams.get(node_id) is context:
+                    del self._streams[node_id]
+
+    def _serve_batches(
+        self, node_id: int, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         expected_step = 1
         for data in requests:
+            with self._lock:
+                if self._streams.get(node_id) is not context:
+                    return  # the round was closed while this batch was on its way
+                self._steps_in_flight += 1
             step = expected_step
             try:
                 frame = decode_frame(data)
@@ -284,6 +323,10 @@ class SplitServer:
                 logger.warning("Split server refused step %s from node %s: %s", step, node_id, err)
                 reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
                 refused = 1
+            finally:
+                with self._lock:
+                    self._steps_in_flight -= 1
+                    self._steps_done.notify_all()
             encoded = encode_frame(reply)
             with self._lock:
                 self._stats.bytes_received += len(data)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,6 +104,18 @@ class ServerHalfTrainer(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook; most trainers hold no threads
         """Release threads the trainer holds."""
 
+    @abstractmethod
+    def discard_round(self) -> None:
+        """Undo what the current round did to the global server half (the round is dropped)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The global server half and the optimizer state(s), for a checkpoint."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def _train_on_batch(
         self,
         module: nn.Module,
@@ -166,6 +179,27 @@ class SFLV1Trainer(ServerHalfTrainer):
         """Return the server-half copy of ``node_id`` (for inspection and tests)."""
         return self._copies[node_id][0]
 
+    def discard_round(self) -> None:
+        # The global half is only written by a merge; the copies start over from it.
+        self._stale.update(self._copies)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Copies are not saved: checkpoints follow merges, after which every copy restarts
+        # from the merged half. Their optimizer states are, by node id.
+        return {
+            "server_half": self.server_half.state_dict(),
+            "optimizers": {node: opt.state_dict() for node, (_, opt) in self._copies.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server_half.load_state_dict(state["server_half"])
+        self._copies, self._stale = {}, set()
+        for node_id, optimizer_state in state["optimizers"].items():
+            module = copy.deepcopy(self.server_half)
+            optimizer = self.optimizer_config.build(module.parameters())
+            optimizer.load_state_dict(optimizer_state)
+            self._copies[int(node_id)] = (module, optimizer)
+
 
 class SFLV2Trainer(ServerHalfTrainer):
     """SFLV2: one server half and optimizer; batches are applied one at a time, in arrival order.
@@ -181,6 +215,26 @@ class SFLV2Trainer(ServerHalfTrainer):
         self.optimizer = self.optimizer_config.build(self.server_half.parameters())
         self._worker: ThreadPoolExecutor | None = None
         self._worker_lock = threading.Lock()
+        self._round_start: dict[str, Any] | None = None
+
+    def begin_round(self, node_ids: list[int]) -> None:
+        super().begin_round(node_ids)
+        # Kept so that a dropped round (too few clients finished) can be undone.
+        self._round_start = copy.deepcopy(self.state_dict())
+
+    def discard_round(self) -> None:
+        if self._round_start is not None:
+            self.load_state_dict(self._round_start)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "server_half": self.server_half.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server_half.load_state_dict(state["server_half"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
         with self._worker_lock:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import copy
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
 
-from splitfed.client import TICKET_KEY, DataPlaneTicket
+from splitfed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from splitfed.client import TICKET_KEY, DataPlaneTicket, peak_rss_mb
 from splitfed.config import OptimizerConfig, Variant
 from splitfed.cut import SplitModel
 from splitfed.server import RoundStats, SplitServer
@@ -26,6 +31,8 @@ __all__ = ["SplitFed", "SplitFedEvaluateFn", "SplitFedResult"]
 
 SplitFedEvaluateFn = Callable[[int, ArrayRecord, ArrayRecord], MetricRecord | None]
 """``evaluate_fn(server_round, client_half_arrays, server_half_arrays)``."""
+
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -81,6 +88,10 @@ class SplitFed(Strategy):
     insecure : bool (default: False)
         Serve the data plane in plaintext, for a single machine or a private network only;
         logs a warning.
+    min_completed_clients : int | None (default: None)
+        A round merges only if at least this many selected clients finished it; otherwise it
+        is dropped and both halves stay as they were before it (SFLV2's server half is rolled
+        back). ``None`` means the aggregator's ``min_train_nodes`` (1 if it has none).
     """
 
     def __init__(
@@ -98,12 +109,22 @@ class SplitFed(Strategy):
         max_streams: int = 64,
         tls: TLSCredentials | None = None,
         insecure: bool = False,
+        min_completed_clients: int | None = None,
     ) -> None:
         if merge_every < 1:
             raise ValueError(f"merge_every must be at least 1; got {merge_every}")
+        if min_completed_clients is not None and min_completed_clients < 1:
+            raise ValueError(
+                f"min_completed_clients must be at least 1 or None; got {min_completed_clients}"
+            )
         self.variant = Variant.validate(variant)
         self.merge_every = merge_every
         self.aggregator = aggregator if aggregator is not None else FedAvg(fraction_evaluate=0.0)
+        self.min_completed_clients = (
+            min_completed_clients
+            if min_completed_clients is not None
+            else int(getattr(self.aggregator, "min_train_nodes", 1))
+        )
         self.trainer = make_trainer(
             self.variant,
             server_half=copy.deepcopy(split.server_half),
@@ -128,6 +149,7 @@ class SplitFed(Strategy):
         self._round_metrics: dict[int, MetricRecord] = {}
         self._sync_bytes = 0
         self._global_dtypes: dict[str, np.dtype] = {}
+        self._selected: list[int] = []
 
     # -- Strategy API ---------------------------------------------------------------------------
 
@@ -150,6 +172,7 @@ class SplitFed(Strategy):
         """Select clients through the aggregator and hand each its data-plane ticket."""
         self._round_started = time.perf_counter()
         messages = list(self.aggregator.configure_train(server_round, arrays, config, grid))
+        self._selected = [msg.metadata.dst_node_id for msg in messages]
         tokens = self.split_server.open_round(
             server_round, [msg.metadata.dst_node_id for msg in messages]
         )
@@ -176,13 +199,31 @@ class SplitFed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Merge client halves through the aggregator, and SFLV1 server halves with FedAvg."""
+        """Merge client halves through the aggregator, and SFLV1 server halves with FedAvg.
+
+        Clients that failed or never replied are logged with the reason and left out; a round
+        that too few clients finished is dropped (see ``min_completed_clients``).
+        """
         replies = list(replies)
         stats = self.split_server.close_round()
         completed = [msg for msg in replies if not msg.has_error()]
+        self._log_failures(server_round, replies)
         merge = self._merges_after(server_round)
-        if merge:
-            arrays, metrics = self.aggregator.aggregate_train(server_round, replies)
+        dropped = merge and len(completed) < self.min_completed_clients
+        if dropped:
+            log(
+                WARNING,
+                "[SplitFed] round %d dropped: %d of %d selected clients finished, fewer than "
+                "the %d required; both halves stay as they were before the round",
+                server_round,
+                len(completed),
+                len(self._selected),
+                self.min_completed_clients,
+            )
+            self.trainer.discard_round()
+            arrays, metrics = None, None
+        elif merge:
+            arrays, metrics = self.aggregator.aggregate_train(server_round, completed)
             if arrays is not None:
                 arrays = _cast_like(arrays, self._global_dtypes)
             # Weighted by the examples the split server itself counted for each client.
@@ -193,9 +234,6 @@ class SplitFed(Strategy):
                 }
             )
         else:
-            for msg in replies:
-                if msg.has_error():
-                    log(WARNING, "Node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
             contents = [msg.content for msg in completed]
             arrays, metrics = (
                 None,
@@ -209,11 +247,35 @@ class SplitFed(Strategy):
         self._record_round(
             server_round,
             stats,
-            clients=len(replies),
-            failed=len(replies) - len(completed),
-            merged=merge,
+            clients=len(self._selected),
+            failed=len(self._selected) - len(completed),
+            merged=merge and not dropped,
+            dropped=dropped,
         )
         return arrays, metrics
+
+    def _log_failures(self, server_round: int, replies: list[Message]) -> None:
+        replied = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            replied.add(node_id)
+            if msg.has_error():
+                log(
+                    WARNING,
+                    "[SplitFed] round %d: node %d failed and is left out: %s",
+                    server_round,
+                    node_id,
+                    msg.error.reason,
+                )
+        for node_id in self._selected:
+            if node_id not in replied:
+                log(
+                    WARNING,
+                    "[SplitFed] round %d: node %d sent no reply before the round timeout and "
+                    "is left out (it stalled, lost its connection, or its process died)",
+                    server_round,
+                    node_id,
+                )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -227,7 +289,6 @@ class SplitFed(Strategy):
         """Nothing to aggregate (see :meth:`configure_evaluate`)."""
         return None
 
-    # pylint: disable=too-many-arguments
     def start(
         self,
         grid: Grid,
@@ -237,45 +298,129 @@ class SplitFed(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: SplitFedEvaluateFn | None = None,
+        *,
+        checkpoint_path: str | Path | None = None,
+        run_fingerprint: str = "",
     ) -> SplitFedResult:
         """Run SplitFed for ``num_rounds`` rounds; see Flower's ``Strategy.start``.
 
         The split server runs for the length of this call. ``initial_arrays`` is the initial
         client half. ``evaluate_fn(server_round, client_half_arrays, server_half_arrays)``, if
         given, evaluates the merged full model centrally before the first round and after each.
+        ``timeout`` is the most seconds a round waits for clients; those that have not replied
+        by then are left out of it. ``evaluate_config`` is unused: there is no federated
+        evaluation.
+
+        With ``checkpoint_path``, the state after every round that merged (client half, server
+        half, optimizer states, RNG states, metrics) is written there atomically, and a run that
+        finds a checkpoint there resumes after its round. ``run_fingerprint`` identifies the
+        run configuration; a checkpoint of another configuration is refused.
         """
         self._check_client_half(initial_arrays)
         self._num_rounds = num_rounds
         self._round_metrics = {}
         self._global_dtypes = {key: array.numpy().dtype for key, array in initial_arrays.items()}
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            metrics = (
-                evaluate_fn(server_round, arrays, self.server_half_arrays())
-                if evaluate_fn
-                else None
+        train_config = train_config if train_config is not None else ConfigRecord()
+        result = SplitFedResult(arrays=initial_arrays)
+        first_round = 1
+        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
+        if checkpoint is not None:
+            first_round = self._resume(checkpoint, result, run_fingerprint) + 1
+            log(
+                INFO, "[SplitFed] resuming after round %d from %s", first_round - 1, checkpoint_path
             )
-            self._log_round(server_round, metrics)
-            return metrics
 
+        log(INFO, "Starting %s strategy:", type(self).__name__)
         with self.split_server:
-            result = super().start(
-                grid=grid,
-                initial_arrays=initial_arrays,
-                num_rounds=num_rounds,
-                timeout=timeout,
-                train_config=train_config,
-                evaluate_config=evaluate_config,
-                evaluate_fn=evaluate,
+            self.summary()
+
+            def evaluate(server_round: int) -> None:
+                metrics = (
+                    evaluate_fn(server_round, result.arrays, self.server_half_arrays())
+                    if evaluate_fn
+                    else None
+                )
+                if metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = metrics
+                self._log_round(server_round, metrics)
+
+            if first_round == 1:
+                evaluate(0)
+            for server_round in range(first_round, num_rounds + 1):
+                log(INFO, "")
+                log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, result.arrays, train_config, grid),
+                    timeout=timeout,
+                )
+                arrays, metrics = self.aggregate_train(server_round, replies)
+                if arrays is not None:
+                    result.arrays = arrays
+                if metrics is not None:
+                    result.train_metrics_clientapp[server_round] = metrics
+                evaluate(server_round)
+                result.round_metrics[server_round] = self._round_metrics[server_round]
+                if checkpoint_path is not None and self._round_metrics[server_round]["merged"]:
+                    save_checkpoint(
+                        checkpoint_path, self._checkpoint(server_round, result, run_fingerprint)
+                    )
+        result.server_half_arrays = self.server_half_arrays()
+        return result
+
+    def _checkpoint(
+        self, server_round: int, result: SplitFedResult, fingerprint: str
+    ) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "round": server_round,
+            "client_half": result.arrays.to_torch_state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "round_metrics": {r: dict(m) for r, m in result.round_metrics.items()},
+            "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+            "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
+            # Flower samples clients with `random`; the ServerApp may use numpy and torch.
+            "rng": {
+                "python": random.getstate(),
+                "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+                "torch": torch.get_rng_state(),
+            },
+        }
+
+    def _resume(self, checkpoint: dict[str, Any], result: SplitFedResult, fingerprint: str) -> int:
+        """Restore the state saved after a round; return that round."""
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"the checkpoint has format {checkpoint.get('format')!r}, this version reads "
+                f"{CHECKPOINT_FORMAT}; move it away to start the run afresh"
             )
-        return SplitFedResult(
-            arrays=result.arrays,
-            train_metrics_clientapp=result.train_metrics_clientapp,
-            evaluate_metrics_clientapp=result.evaluate_metrics_clientapp,
-            evaluate_metrics_serverapp=result.evaluate_metrics_serverapp,
-            server_half_arrays=self.server_half_arrays(),
-            round_metrics=dict(self._round_metrics),
+        if checkpoint["fingerprint"] != fingerprint:
+            raise CheckpointError(
+                "the checkpoint belongs to another run configuration "
+                f"({checkpoint['fingerprint']!r}, this run: {fingerprint!r}); resume with the "
+                "same run config, or write to another output folder"
+            )
+        client_half = ArrayRecord(checkpoint["client_half"])
+        self._check_client_half(client_half)
+        result.arrays = client_half
+        self.trainer.load_state_dict(checkpoint["trainer"])
+        result.round_metrics.update(
+            {r: MetricRecord(m) for r, m in checkpoint["round_metrics"].items()}
         )
+        self._round_metrics.update(result.round_metrics)
+        result.train_metrics_clientapp.update(
+            {r: MetricRecord(m) for r, m in checkpoint["train_metrics"].items()}
+        )
+        result.evaluate_metrics_serverapp.update(
+            {r: MetricRecord(m) for r, m in checkpoint["evaluate_metrics"].items()}
+        )
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(rng["torch"])
+        return int(checkpoint["round"])
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -313,7 +458,14 @@ class SplitFed(Strategy):
             )
 
     def _record_round(
-        self, server_round: int, stats: RoundStats, *, clients: int, failed: int, merged: bool
+        self,
+        server_round: int,
+        stats: RoundStats,
+        *,
+        clients: int,
+        failed: int,
+        merged: bool,
+        dropped: bool,
     ) -> None:
         self._round_metrics[server_round] = MetricRecord(
             {
@@ -325,7 +477,9 @@ class SplitFed(Strategy):
                 "clients": clients,
                 "failed-clients": failed,
                 "merged": int(merged),
+                "dropped": int(dropped),
                 "round-seconds": time.perf_counter() - self._round_started,
+                "server-peak-rss-mb": peak_rss_mb(),
             }
         )
 

@@ -1,19 +1,22 @@
-"""Shared test pieces: a small model with buffers, digits batches, running split servers, and the
-processes of Flower's engines (to check that a test leaves none behind)."""
+"""Shared test pieces: a small model with buffers, digits batches, running split servers."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from simulation.launch import run_app
+from simulation.ray_cluster import LocalRayCluster, RayNode
 from simulation.task import load_digits_split
 from splitfed import (
     GrpcDataPlane,
@@ -166,47 +169,105 @@ def run_concurrently(*calls) -> list:
     return results
 
 
-# Command-line fragments of the processes Flower's engines start: SuperLink, SuperNodes, their
-# executors and the apps they run, the simulation and Ray.
-FLOWER_PROCESSES = (
-    "flower-superlink",
-    "flower-supernode",
-    "flower-superexec",
-    "flwr-serverapp",
-    "flwr-clientapp",
-    "flwr-simulation",
-    "raylet",
-    "gcs_server",
-)
+# -- end to end: Flower processes, a Ray cluster, the launcher ---------------------------------
+
+RUN_MARKER = "SPLITFED_TEST_RUN"
 
 
-def flower_processes(*, flwr_home_under: Path | None = None) -> set[int]:
-    """PIDs of processes that belong to a Flower simulation or deployment.
+def marked_processes(marker: str) -> set[int]:
+    """Live processes whose environment holds ``RUN_MARKER=marker``.
 
-    With ``flwr_home_under``, only those whose ``FLWR_HOME`` lies in that folder: the processes
-    of one deployment, not those of other runs on the machine.
+    Every process a launch starts (SuperLink, executor, simulation, Ray) inherits the
+    environment, so this finds exactly what one launch left behind, whatever else runs on the
+    machine at the same time.
     """
+    entry = f"{RUN_MARKER}={marker}".encode()
     found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-            if not any(name in command for name in FLOWER_PROCESSES):
-                continue
-            if flwr_home_under is not None and not _flwr_home_under(int(entry), flwr_home_under):
-                continue
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if entry in environ.read().split(b"\0"):
+                    found.add(int(pid))
         except OSError:
             continue
-        found.add(int(entry))
     return found
 
 
-def _flwr_home_under(pid: int, folder: Path) -> bool:
-    with open(f"/proc/{pid}/environ", "rb") as environ:
-        for variable in environ.read().split(b"\0"):
-            if variable.startswith(b"FLWR_HOME="):
-                home = Path(variable.split(b"=", 1)[1].decode(errors="replace"))
-                return home.is_relative_to(folder)
-    return False
+@contextlib.contextmanager
+def marked_environment() -> Iterator[str]:
+    """Mark the processes started inside the block; see :func:`marked_processes`."""
+    marker = uuid.uuid4().hex
+    previous = os.environ.get(RUN_MARKER)
+    os.environ[RUN_MARKER] = marker
+    try:
+        yield marker
+    finally:
+        if previous is None:
+            del os.environ[RUN_MARKER]
+        else:
+            os.environ[RUN_MARKER] = previous
+
+
+def assert_none_left(marker: str, what: str, wait: float = 0.0) -> None:
+    deadline = time.monotonic() + wait
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"{what} left processes running: {sorted(left)}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A head node and one more node, two CPUs each, made with ``ray start``, shared by the
+    end-to-end tests."""
+    with marked_environment() as marker:
+        cluster = LocalRayCluster([RayNode(num_cpus=2), RayNode(num_cpus=2)])
+        cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+    assert_none_left(marker, "the Ray cluster, once stopped,")
+
+
+@pytest.fixture
+def launch(tmp_path, ray_cluster):
+    """``run_app`` on the cluster, with an output folder of the test's own; asserts that each
+    run leaves no process of its own behind."""
+    markers = []
+
+    def launch_app(*, private_ray=False, **kwargs):
+        address = None if private_ray else ray_cluster.address
+        kwargs.setdefault("output_dir", tmp_path / "out")
+        with marked_environment() as marker:
+            markers.append(marker)
+            return run_app(echo=False, timeout=600, ray_address=address, **kwargs)
+
+    yield launch_app
+    for marker in markers:
+        assert_none_left(marker, "a run")
+
+
+def client_app_actors(cluster: LocalRayCluster) -> dict[int, int]:
+    """The Ray actor processes that run ClientApps now: pid -> index of the cluster node."""
+    actors = {}
+    for index, pids in enumerate(cluster.process_ids_by_node()):
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"ClientAppActor" in cmdline.read():
+                        actors[pid] = index
+            except OSError:
+                continue
+    return actors
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

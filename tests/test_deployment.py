@@ -12,7 +12,7 @@ import pytest
 
 from simulation.deployment import LocalDeployment, make_supernode_keys, run_app
 from simulation.task import partition_loader
-from tests.conftest import flower_processes
+from tests.conftest import assert_none_left, marked_environment
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +23,16 @@ CLIENTS = 2
 
 
 def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tmp_path):
-    work_dir = tmp_path / "work"
-    result = run_app(
-        run_config={"num-server-rounds": ROUNDS},
-        num_supernodes=CLIENTS,
-        output_dir=tmp_path / "out",
-        work_dir=work_dir,
-        echo=False,
-        timeout=600,
-    )
-    left = flower_processes(flwr_home_under=work_dir)
-    assert not left, f"processes left running after the run: {sorted(left)}"
+    with marked_environment() as marker:
+        result = run_app(
+            run_config={"num-server-rounds": ROUNDS},
+            num_supernodes=CLIENTS,
+            output_dir=tmp_path / "out",
+            work_dir=tmp_path / "work",
+            echo=False,
+            timeout=600,
+        )
+    assert_none_left(marker, "the deployment")
     assert result.completed, result.failure_report()
 
     assert set(result.metrics) == set(range(1, ROUNDS + 1))
@@ -64,12 +63,16 @@ def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tm
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """A TLS SuperLink with SuperNode authentication and one registered SuperNode."""
-    work_dir = tmp_path_factory.mktemp("deployment")
-    with LocalDeployment(num_supernodes=1, work_dir=work_dir) as running:
+    """A TLS SuperLink with SuperNode authentication and one registered SuperNode. The SuperNodes
+    the tests start join it, so its processes are marked while the tests run."""
+    with (
+        marked_environment() as marker,
+        LocalDeployment(
+            num_supernodes=1, work_dir=tmp_path_factory.mktemp("deployment")
+        ) as running,
+    ):
         yield running
-    left = flower_processes(flwr_home_under=work_dir)
-    assert not left, f"processes left running after the deployment: {sorted(left)}"
+    assert_none_left(marker, "the deployment")
 
 
 def registration_requests(deployment: LocalDeployment) -> int:

@@ -3,7 +3,8 @@
 Each test launches the app as a user does (``python -m simulation.launch``'s ``run_app``) and
 checks what it wrote to disk, and that nothing it started is still running afterwards. The runs
 attach to one Ray cluster of two nodes, started once for the module, as on a lab's cluster; the
-accuracy test for SFLV1 runs as the README's demo does, on a private Ray instance.
+accuracy test for SFLV1 runs as the README's demo does, on a private Ray instance. The
+``launch`` and ``ray_cluster`` fixtures are in conftest.py.
 """
 
 from __future__ import annotations
@@ -16,40 +17,10 @@ import torch
 from torch import nn
 
 from simulation.config import AppConfig
-from simulation.launch import run_app
-from simulation.ray_cluster import LocalRayCluster, RayNode
 from simulation.task import digits_split, partition_loader, round_shuffle_seed
-from tests.conftest import flower_processes
+from tests.conftest import client_app_actors
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head node and one more node, two CPUs each, made with ``ray start``."""
-    with LocalRayCluster([RayNode(num_cpus=2), RayNode(num_cpus=2)]) as cluster:
-        yield cluster
-        started = set().union(*cluster.process_ids_by_node())
-    left = started & flower_processes()
-    assert not left, f"Ray cluster processes left running after it stopped: {sorted(left)}"
-
-
-@pytest.fixture
-def launch(tmp_path, ray_cluster):
-    """``run_app`` on the cluster, with an output folder of the test's own; asserts that it
-    leaves no process (the cluster's own processes were there before and stay)."""
-    before = flower_processes()
-
-    def launch_app(*, private_ray=False, **kwargs):
-        address = None if private_ray else ray_cluster.address
-        return run_app(
-            output_dir=tmp_path / "out", echo=False, timeout=600, ray_address=address, **kwargs
-        )
-
-    yield launch_app
-    cluster_processes = set().union(*ray_cluster.process_ids_by_node())
-    left = flower_processes() - before - cluster_processes
-    assert not left, f"processes left running after the run: {sorted(left)}"
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[int]) -> torch.Tensor:
@@ -221,27 +192,13 @@ def test_a_bad_run_config_fails_the_run_with_the_reason(launch):
     assert "variant must be one of v1, v2; got 'v3'" in result.details
 
 
-def client_app_nodes(cluster: LocalRayCluster) -> set[int]:
-    """Indices of the cluster nodes on which a ClientApp actor runs now."""
-    nodes = set()
-    for index, pids in enumerate(cluster.process_ids_by_node()):
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                    if b"ClientAppActor" in cmdline.read():
-                        nodes.add(index)
-            except OSError:
-                continue
-    return nodes
-
-
 def test_client_apps_spread_over_the_cluster_and_reach_the_split_server(launch, ray_cluster):
     seen: set[int] = set()
     done = threading.Event()
 
     def watch():
         while not done.wait(0.3):
-            seen.update(client_app_nodes(ray_cluster))
+            seen.update(client_app_actors(ray_cluster).values())
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

@@ -191,3 +191,31 @@ def test_unreachable_split_server_says_how_to_fix():
         GrpcDataPlane(
             address="127.0.0.1:1", node_id=1, server_round=1, token="x", connect_timeout=0.5
         )
+
+
+def test_closing_the_round_cuts_an_open_stream_and_its_late_batches_change_nothing(served):
+    server, tokens, split = served
+    with plane(server, tokens) as stream:
+        stream.exchange(1, *good_batch(split))  # the client then stalls, its stream open
+        stats = server.close_round()
+        after_close = copy.deepcopy(server.trainer.copy_for(NODE).state_dict())
+        with pytest.raises(SplitServerError, match="ended the stream at step 2"):
+            stream.exchange(2, *good_batch(split))  # it wakes up after the round
+    assert stats.batches == 1
+    late = server.trainer.copy_for(NODE).state_dict()
+    assert all(torch.equal(after_close[k], late[k]) for k in late)
+    assert server.trainer.steps_by_node[NODE] == 1
+
+
+def test_a_second_stream_of_the_same_node_in_a_round_is_refused(served, caplog):
+    server, tokens, split = served
+    with caplog.at_level("WARNING", logger="flwr_splitfed"), plane(server, tokens) as first:
+        first.exchange(1, *good_batch(split))
+        with (
+            plane(server, tokens) as second,
+            pytest.raises(SplitServerError, match="already has a stream open"),
+        ):
+            second.exchange(1, *good_batch(split))
+        first.exchange(2, *good_batch(split))  # the first stream is unaffected
+    assert any(f"node {NODE}" in r.getMessage() for r in caplog.records)
+    assert server.trainer.steps_by_node[NODE] == 2
