@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["CertificateFiles", "make_certificates"]
+__all__ = ["CertificateFiles", "issue_certificate", "make_certificates"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,60 @@ def make_certificates(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+    ca_certfile = out_dir / "ca.crt"
+    ca_keyfile = out_dir / "ca.key"
+    ca_certfile.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(ca_keyfile, ca_key)
+    certfile, keyfile = issue_certificate(
+        ca_certfile=ca_certfile,
+        ca_keyfile=ca_keyfile,
+        certfile=out_dir / "server.crt",
+        keyfile=out_dir / "server.key",
+        hosts=hosts,
+        days=days,
+    )
+    return CertificateFiles(ca_certfile=ca_certfile, certfile=certfile, keyfile=keyfile)
+
+
+def issue_certificate(
+    *,
+    ca_certfile: Path,
+    ca_keyfile: Path,
+    certfile: Path,
+    keyfile: Path,
+    hosts: list[str] | None = None,
+    common_name: str = "flwr-splitfed server",
+    days: int = 30,
+) -> tuple[Path, Path]:
+    """Write a new server key and a certificate for it signed by the CA in the given files.
+
+    Parameters
+    ----------
+    ca_certfile, ca_keyfile : Path
+        The CA's certificate and private key (PEM), e.g. from :func:`make_certificates`.
+    certfile, keyfile : Path
+        Where the certificate and its private key are written.
+    hosts : list[str] | None (default: None)
+        Names and IP addresses it is valid for, besides ``localhost`` and ``127.0.0.1``.
+    common_name : str (default: "flwr-splitfed server")
+        The certificate's subject.
+    days : int (default: 30)
+        Validity.
+
+    Returns
+    -------
+    tuple[Path, Path]
+        ``(certfile, keyfile)``.
+    """
+    ca_cert = x509.load_pem_x509_certificate(Path(ca_certfile).read_bytes())
+    ca_key = serialization.load_pem_private_key(Path(ca_keyfile).read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("flwr-splitfed server"))
-        .issuer_name(ca_name)
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -106,16 +155,9 @@ def make_certificates(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    files = CertificateFiles(
-        ca_certfile=out_dir / "ca.crt",
-        certfile=out_dir / "server.crt",
-        keyfile=out_dir / "server.key",
-    )
-    files.ca_certfile.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out_dir / "ca.key", ca_key)
-    files.certfile.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(files.keyfile, server_key)
-    return files
+    Path(certfile).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(Path(keyfile), server_key)
+    return Path(certfile), Path(keyfile)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -66,13 +67,22 @@ def _config_args(values: dict[str, Any]) -> str:
     return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
 
 
-def _wait_healthy(port: int, supervisor: subprocess.Popen, log_path: Path, timeout: float) -> None:
+def _wait_healthy(
+    port: int,
+    supervisor: subprocess.Popen,
+    log_path: Path,
+    timeout: float,
+    *,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    # ``tls``: how to verify a SuperLink that serves HTTPS; ``None`` for plain HTTP.
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if supervisor.poll() is not None:
             raise RuntimeError(f"flower-superlink exited early; its log: {log_path}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as reply:
+            with urllib.request.urlopen(url, timeout=0.5, context=tls) as reply:
                 if reply.status == 200:
                     return
         except OSError:
@@ -215,15 +225,11 @@ def _launch_once(
             stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent,
         )
-    flwr_run: subprocess.Popen | None = None
     lines: list[str] = []
-    run_id = None
     try:
         _wait_healthy(port, supervisor, superlink_log, timeout=60)
-        flwr_run = subprocess.Popen(
+        status, details, run_id = _flwr_run(
             [
-                str(bin_dir / "flwr"),
-                "run",
                 str(app_dir),
                 CONNECTION,
                 "--stream",
@@ -232,35 +238,13 @@ def _launch_once(
                 "--run-config",
                 _config_args(run_config),
             ],
+            bin_dir=bin_dir,
             env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            preexec_fn=die_with_parent,
+            timeout=timeout,
+            echo=echo,
+            lines=lines,
         )
-        timed_out = threading.Event()
-        watchdog = threading.Timer(timeout, lambda: (timed_out.set(), flwr_run.kill()))
-        watchdog.start()
-        try:
-            assert flwr_run.stdout is not None
-            for line in flwr_run.stdout:
-                lines.append(line)
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                    run_id = int(match.group(1))
-            flwr_run.wait()
-        finally:
-            watchdog.cancel()
-        status, details = _run_status(bin_dir, env, run_id)
-        if timed_out.is_set():
-            status, details = "timed-out", f"stopped after {timeout:.0f} s; {details}"
     finally:
-        if flwr_run is not None and flwr_run.poll() is None:
-            flwr_run.kill()
-            flwr_run.wait()
         supervisor.send_signal(signal.SIGTERM)
         try:
             supervisor.wait(timeout=30)
@@ -270,29 +254,79 @@ def _launch_once(
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(superlink_log, output_dir / "superlink.log")
         shutil.rmtree(home, ignore_errors=True)
-    metrics_file = output_dir / "metrics.json"
-    metrics = (
-        {int(r): values for r, values in json.loads(metrics_file.read_text()).items()}
-        if metrics_file.exists()
-        else {}
-    )
     return LaunchResult(
         status=status,
         details=details,
         run_id=run_id,
         seconds=time.monotonic() - started,
         output_dir=output_dir,
-        metrics=metrics,
+        metrics=_read_metrics(output_dir),
         log="".join(lines),
     )
 
 
-def _run_status(bin_dir: Path, env: dict[str, str], run_id: int | None) -> tuple[str, str]:
+def _read_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
+    """The per-round metrics the ServerApp wrote, by round; empty if it wrote none."""
+    metrics_file = output_dir / "metrics.json"
+    if not metrics_file.exists():
+        return {}
+    return {int(r): values for r, values in json.loads(metrics_file.read_text()).items()}
+
+
+def _flwr_run(
+    args: list[str],
+    *,
+    bin_dir: Path,
+    env: dict[str, str],
+    timeout: float,
+    echo: bool,
+    lines: list[str],
+    connection: str = CONNECTION,
+) -> tuple[str, str, int | None]:
+    """Run ``flwr run ARGS...``, collect its output in ``lines``, and return how the run ended:
+    ``(status, details, run_id)``. The run is stopped after ``timeout`` seconds."""
+    flwr_run = subprocess.Popen(
+        [str(bin_dir / "flwr"), "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        preexec_fn=die_with_parent,
+    )
+    run_id = None
+    timed_out = threading.Event()
+    watchdog = threading.Timer(timeout, lambda: (timed_out.set(), flwr_run.kill()))
+    watchdog.start()
+    try:
+        assert flwr_run.stdout is not None
+        for line in flwr_run.stdout:
+            lines.append(line)
+            if echo:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                run_id = int(match.group(1))
+        flwr_run.wait()
+    finally:
+        watchdog.cancel()
+        if flwr_run.poll() is None:
+            flwr_run.kill()
+            flwr_run.wait()
+    status, details = _run_status(bin_dir, env, run_id, connection=connection)
+    if timed_out.is_set():
+        status, details = "timed-out", f"stopped after {timeout:.0f} s; {details}"
+    return status, details, run_id
+
+
+def _run_status(
+    bin_dir: Path, env: dict[str, str], run_id: int | None, *, connection: str = CONNECTION
+) -> tuple[str, str]:
     """Ask the SuperLink how the run ended (``flwr run`` exits 0 even when the ServerApp fails)."""
     if run_id is None:
         return "not-started", "flwr run did not start a run; see the output above"
     listing = subprocess.run(
-        [str(bin_dir / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        [str(bin_dir / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
         env=env,
         capture_output=True,
         text=True,

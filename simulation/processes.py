@@ -69,14 +69,20 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+# Exit codes of the children reaped by ``_reap``: it also reaps the supervised command, whose
+# ``Popen`` then no longer knows its exit code.
+_exit_codes: dict[int, int] = {}
+
+
 def _reap() -> None:
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        _exit_codes[pid] = os.waitstatus_to_exitcode(status)
 
 
 def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
@@ -99,7 +105,11 @@ def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
 
 
 def supervise(command: list[str]) -> int:
-    """Run ``command`` and keep its whole process tree under this process until told to stop."""
+    """Run ``command`` and keep its whole process tree under this process until told to stop.
+
+    Returns the command's exit code (a negative signal number if a signal ended it), or 0
+    when it was told to stop.
+    """
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     die_with_parent()
     stop = threading.Event()
@@ -111,7 +121,11 @@ def supervise(command: list[str]) -> int:
         if child.poll() is not None and not descendants(os.getpid()):
             break
     kill_descendants(os.getpid())
-    return child.returncode if child.returncode is not None else 0
+    if stop.is_set():
+        return 0
+    child.poll()
+    returncode = _exit_codes.get(child.pid, child.returncode)
+    return returncode if returncode is not None else 0
 
 
 if __name__ == "__main__":

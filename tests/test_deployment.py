@@ -1,0 +1,122 @@
+"""End to end on Flower's deployment engine: a real SuperLink and SuperNodes on loopback, with TLS
+and SuperNode authentication, the app run with ``flwr run`` (``simulation.deployment``).
+
+The training test starts and stops a whole deployment through ``run_app`` and checks that
+nothing it started is left. The refusal tests share one small deployment (one registered
+SuperNode) and try to join it without a registered key and without TLS.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from simulation.deployment import LocalDeployment, make_supernode_keys, run_app
+from simulation.task import partition_loader
+from tests.conftest import assert_none_left, marked_environment
+
+pytestmark = pytest.mark.slow
+
+# With 2 clients (half of the training digits each), SFLV1 reaches 0.961 after 2 rounds and
+# 0.97 after 3; the simulation's test takes 10 rounds of 10 clients to 0.95.
+ROUNDS = 3
+CLIENTS = 2
+
+
+def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tmp_path):
+    with marked_environment() as marker:
+        result = run_app(
+            run_config={"num-server-rounds": ROUNDS},
+            num_supernodes=CLIENTS,
+            output_dir=tmp_path / "out",
+            work_dir=tmp_path / "work",
+            echo=False,
+            timeout=600,
+        )
+    assert_none_left(marker, "the deployment")
+    assert result.completed, result.failure_report()
+
+    assert set(result.metrics) == set(range(1, ROUNDS + 1))
+    final = result.metrics[ROUNDS]
+    assert final["test-accuracy"] >= 0.95, result.metrics
+    batches_per_round = sum(
+        2 * len(partition_loader(partition_id=i, num_partitions=CLIENTS, batch_size=16))
+        for i in range(CLIENTS)
+    )
+    for server_round, m in result.metrics.items():
+        # Both SuperNodes trained, every batch crossed the data plane, and both were merged.
+        assert m["clients"] == CLIENTS and m["failed-clients"] == 0, (server_round, m)
+        assert m["merged"] == 1 and m["refused-streams"] == 0, (server_round, m)
+        assert m["data-plane-batches"] == batches_per_round, (server_round, m)
+
+    # The split server served TLS with the deployment's certificate.
+    assert "Data-plane TLS: on" in result.log
+    # The SuperLink served HTTPS and admitted exactly the two registered SuperNodes, which
+    # each got one train message per round.
+    superlink_log = (result.output_dir / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1:" in superlink_log
+    assert superlink_log.count("[ControlServicer.RegisterNode] Created node_id=") == CLIENTS
+    assert superlink_log.count("[Fleet.ActivateNode] Activated node_id=") == CLIENTS
+    for i in range(CLIENTS):
+        supernode_log = (result.output_dir / f"supernode-{i}.log").read_text()
+        assert supernode_log.count("Receiving: train message") == ROUNDS
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A TLS SuperLink with SuperNode authentication and one registered SuperNode. The SuperNodes
+    the tests start join it, so its processes are marked while the tests run."""
+    with (
+        marked_environment() as marker,
+        LocalDeployment(
+            num_supernodes=1, work_dir=tmp_path_factory.mktemp("deployment")
+        ) as running,
+    ):
+        yield running
+    assert_none_left(marker, "the deployment")
+
+
+def registration_requests(deployment: LocalDeployment) -> int:
+    """Fleet API registration requests the SuperLink has received so far (a SuperNode without a
+    key sends one first; the registered SuperNode's polling sends none)."""
+    return deployment.log_tail("superlink", lines=100_000).count('"POST /v1/fleet/register-node')
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["unregistered-key", "no-key"])
+def test_a_supernode_without_a_registered_key_is_refused(deployment, with_key):
+    name = f"stranger-{'key' if with_key else 'nokey'}"
+    keys = make_supernode_keys(deployment.work_dir / "keys", name)
+    supernode = deployment.start_supernode(
+        partition_id=0,
+        num_partitions=1,
+        private_key=keys.private_key if with_key else None,
+        name=name,
+        extra_args=("--max-retries", "1"),
+    )
+    assert supernode.wait(timeout=60) == 1
+    log = deployment.log_tail(name)
+    assert "Failed to initialize the connection to the SuperLink." in log
+    if with_key:
+        assert "Failed to activate SuperNode." in log
+    else:
+        assert "SuperNode authentication is enabled. All SuperNodes must be registered" in log
+    # It never became a node that could be sent work; the registered one is still there.
+    assert len(deployment.online_supernodes()) == 1
+    assert len(deployment.supernodes()) == 1
+
+
+def test_a_plaintext_supernode_cannot_reach_the_tls_superlink(deployment):
+    requests_before = registration_requests(deployment)
+    supernode = deployment.start_supernode(
+        partition_id=0,
+        num_partitions=1,
+        insecure=True,
+        name="plaintext",
+        extra_args=("--max-retries", "1"),
+    )
+    assert supernode.wait(timeout=60) == 1
+    log = deployment.log_tail("plaintext")
+    assert "Failed to initialize the connection to the SuperLink." in log
+    assert "Server disconnected without sending a response." in log
+    # Its registration never got past the TLS handshake to the Fleet API.
+    assert registration_requests(deployment) == requests_before
+    assert len(deployment.online_supernodes()) == 1
