@@ -46,7 +46,7 @@ from .launch import (
     _wait_healthy,
     format_table,
 )
-from .processes import die_with_parent, free_port
+from .processes import descendants, die_with_parent, free_port
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -488,6 +488,16 @@ class LocalDeployment:
             f"{count} SuperNodes were not connected after {self.start_timeout:.0f} s; "
             f"the SuperLink lists {self.supernodes()}; logs in {self.logs}"
         )
+
+    def process_ids(self, name: str) -> set[int]:
+        """The processes running under ``name`` now (``supernode-0``: the SuperNode and the
+        ClientApp process it started for the current message)."""
+        return {
+            pid
+            for process in self._processes
+            if process.name == name
+            for pid in descendants(process.supervisor.pid)
+        }
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         """The last lines of a process's log (``superlink``, ``supernode-0``, ...)."""

@@ -8,11 +8,16 @@ SuperNode) and try to join it without a registered key and without TLS.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from simulation.deployment import LocalDeployment, make_supernode_keys, run_app
 from simulation.task import partition_loader
-from tests.conftest import assert_none_left, marked_environment
+from tests.conftest import assert_none_left, cpu_seconds, marked_environment
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +125,56 @@ def test_a_plaintext_supernode_cannot_reach_the_tls_superlink(deployment):
     # Its registration never got past the TLS handshake to the Fleet API.
     assert registration_requests(deployment) == requests_before
     assert len(deployment.online_supernodes()) == 1
+
+
+def clientapp_process(deployment: LocalDeployment, supernode: str) -> int | None:
+    for pid in deployment.process_ids(supernode):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"flwr-clientapp" in cmdline.read():
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_a_stalled_client_is_left_out_after_the_round_timeout(tmp_path):
+    round_timeout = 45.0  # a round takes about 20 s here, mostly Flower's 3 s polling
+    stalled: list[int] = []
+
+    def stall_supernode_0_while_it_trains(deployment: LocalDeployment) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pid = clientapp_process(deployment, "supernode-0")
+            if pid is not None and cpu_seconds(pid) > 3.0:  # past start-up, into training
+                os.kill(pid, signal.SIGSTOP)
+                stalled.append(pid)
+                # It wakes up after the round went on without it; its stream is cut by then.
+                time.sleep(round_timeout + 5)
+                os.kill(pid, signal.SIGCONT)
+                return
+            time.sleep(0.1)
+
+    with (
+        marked_environment() as marker,
+        LocalDeployment(num_supernodes=3, work_dir=tmp_path / "work") as deployment,
+    ):
+        staller = threading.Thread(target=stall_supernode_0_while_it_trains, args=(deployment,))
+        staller.start()
+        try:
+            result = deployment.run(
+                run_config={"num-server-rounds": 1, "round-timeout": round_timeout},
+                output_dir=tmp_path / "out",
+                echo=False,
+                timeout=600,
+            )
+        finally:
+            staller.join()
+    assert_none_left(marker, "the deployment")
+    assert stalled, "the test did not stall a client"
+    assert result.completed, result.failure_report()
+    metrics = result.metrics[1]
+    splitfed_log = "\n".join(line for line in result.log.splitlines() if "SplitFed" in line)
+    assert metrics["clients"] == 3 and metrics["failed-clients"] == 1, splitfed_log
+    assert metrics["merged"] == 1 and metrics["round-seconds"] >= round_timeout
+    assert "sent no reply before the round timeout" in splitfed_log
