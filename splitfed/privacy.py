@@ -309,6 +309,9 @@ def protect_output_gradient(
 def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Bias-corrected distance correlation of two batches (Szekely and Rizzo 2014).
 
+    This is the unbiased estimator built from U-centered distance matrices, of the squared
+    distance correlation (the statistic ``dcor.u_distance_correlation_sqr`` computes).
+
     Rows are examples; each is flattened. Distances are Euclidean (not squared, which would only
     see linear dependence). The estimate is about 0 for independent data at any batch size, 1 for
     data related by a similarity, and may dip slightly below 0. Needs at least 4 examples.
