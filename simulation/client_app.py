@@ -8,7 +8,12 @@ from flwr.clientapp import ClientApp
 from splitfed import train_client_half
 
 from .config import AppConfig
-from .task import digits_split, partition_loader, round_shuffle_seed
+from .task import (
+    digits_label_private_split,
+    digits_split,
+    partition_loader,
+    round_shuffle_seed,
+)
 
 app = ClientApp()
 
@@ -30,10 +35,21 @@ def train(msg: Message, context: Context) -> Message:
         shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
         test_fraction=config.test_fraction,
     )
+    if config.label_private:
+        split = digits_label_private_split(
+            cut=config.cut, server_cut=config.server_cut, batch_norm=config.batch_norm
+        )
+        client_half, client_head = split.client_half, split.client_head
+    else:
+        client_half = digits_split(cut=config.cut, batch_norm=config.batch_norm).client_half
+        client_head = None
+    privacy = config.privacy()
     return train_client_half(
         msg,
         context,
-        client_half=digits_split(cut=config.cut, batch_norm=config.batch_norm).client_half,
+        client_half=client_half,
+        client_head=client_head,
+        privacy=privacy if privacy.enabled else None,
         train_loader=train_loader,
         optimizer=config.client_optimizer,
         local_epochs=config.local_epochs,

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from splitfed import OptimizerConfig, Variant
+from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, Variant
 
 __all__ = ["AGGREGATORS", "AppConfig"]
 
@@ -45,6 +45,15 @@ class AppConfig:
     output_dir: str = ""
     round_timeout: float = 600.0
     server_device: str = "cpu"
+    label_private: bool = False
+    server_cut: str = "relu3"
+    smashed_clip_norm: float = 0.0
+    smashed_noise_multiplier: float = 0.0
+    nopeek_weight: float = 0.0
+    label_noise_multiplier: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 0.0
+    privacy_delta: float = 1e-5
     client_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
     server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
 
@@ -93,8 +102,29 @@ class AppConfig:
                 f"split-server-insecure=false needs {', '.join(missing)} (PEM files on the "
                 "machine that runs the ServerApp)"
             )
+        try:
+            self.privacy().validate(label_private=self.label_private)
+        except PrivacyConfigError as err:
+            problems.append(str(err))
+        if self.batch_norm and self.privacy().dp_sgd:
+            problems.append(
+                "DP-SGD (dp-noise-multiplier) cannot run with batch-norm=true: BatchNorm mixes "
+                "the examples of a batch; set batch-norm=false"
+            )
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
+
+    def privacy(self) -> PrivacyConfig:
+        """The client-side defenses this run config asks for."""
+        return PrivacyConfig(
+            smashed_clip_norm=self.smashed_clip_norm,
+            smashed_noise_multiplier=self.smashed_noise_multiplier,
+            nopeek_weight=self.nopeek_weight,
+            label_noise_multiplier=self.label_noise_multiplier,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_max_grad_norm=self.dp_max_grad_norm,
+            delta=self.privacy_delta,
+        )
 
     def fingerprint(self) -> str:
         """Identifies what a checkpoint depends on: every key but the output folder and the

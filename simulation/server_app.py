@@ -14,11 +14,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
 from flwr.supercore import log
 
-from splitfed import TLSCredentials
+from splitfed import LabelPrivateSplit, SplitModel, TLSCredentials
+from splitfed.cut import load_client_state_dict
 from strategies import SplitFed, SplitFedResult
 
 from .config import AppConfig
-from .task import digits_split, evaluate_model, load_digits_split
+from .task import (
+    digits_label_private_split,
+    digits_split,
+    evaluate_model,
+    load_digits_split,
+)
 
 app = ServerApp()
 
@@ -36,7 +42,12 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(config.seed)
 
     data = load_digits_split(test_fraction=config.test_fraction, seed=config.seed)
-    split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
+    if config.label_private:
+        split = digits_label_private_split(
+            cut=config.cut, server_cut=config.server_cut, batch_norm=config.batch_norm
+        )
+    else:
+        split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
     strategy = SplitFed(
         split=split,
         variant=config.variant,
@@ -60,7 +71,7 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate(
         server_round: int, client_half: ArrayRecord, server_half: ArrayRecord
     ) -> MetricRecord:
-        split.client_half.load_state_dict(client_half.to_torch_state_dict())
+        load_client_arrays(split, client_half)
         split.server_half.load_state_dict(server_half.to_torch_state_dict())
         loss, accuracy = evaluate_model(full_model, data.test_images, data.test_labels)
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
@@ -68,7 +79,9 @@ def main(grid: Grid, context: Context) -> None:
     output_dir = Path(config.output_dir) if config.output_dir else None
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(split.client_half.state_dict()),
+        initial_arrays=ArrayRecord(
+            split.client_state_dict() if config.label_private else split.client_half.state_dict()
+        ),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
         evaluate_fn=evaluate,
@@ -85,7 +98,15 @@ def main(grid: Grid, context: Context) -> None:
         config.variant.upper(),
     )
     if output_dir is not None:
-        save_result(output_dir, result, split.client_half, split.server_half)
+        save_result(output_dir, result, split)
+
+
+def load_client_arrays(split: SplitModel | LabelPrivateSplit, arrays: ArrayRecord) -> None:
+    """Load the clients' merged arrays: the client half, and the client head if there is one."""
+    if isinstance(split, LabelPrivateSplit):
+        load_client_state_dict(split.client_half, split.client_head, arrays.to_torch_state_dict())
+    else:
+        split.client_half.load_state_dict(arrays.to_torch_state_dict())
 
 
 def make_aggregator(config: AppConfig) -> Strategy:
@@ -106,17 +127,17 @@ def make_aggregator(config: AppConfig) -> Strategy:
 def save_result(
     output_dir: Path,
     result: SplitFedResult,
-    client_half: torch.nn.Module,
-    server_half: torch.nn.Module,
+    split: SplitModel | LabelPrivateSplit,
 ) -> None:
     """Write the final halves (``model.pt``) and per-round metrics (``metrics.json``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    client_half.load_state_dict(result.arrays.to_torch_state_dict())
-    server_half.load_state_dict(result.server_half_arrays.to_torch_state_dict())
-    torch.save(
-        {"client_half": client_half.state_dict(), "server_half": server_half.state_dict()},
-        output_dir / "model.pt",
-    )
+    load_client_arrays(split, result.arrays)
+    split.server_half.load_state_dict(result.server_half_arrays.to_torch_state_dict())
+    model = {"client_half": split.client_half.state_dict()}
+    model["server_half"] = split.server_half.state_dict()
+    if isinstance(split, LabelPrivateSplit):
+        model["client_head"] = split.client_head.state_dict()
+    torch.save(model, output_dir / "model.pt")
     rounds = sorted(result.round_metrics)
     history = {
         str(r): {

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from splitfed import SplitModel, split_model
+from splitfed import LabelPrivateSplit, SplitModel, split_label_private, split_model
 
 __all__ = [
     "DigitsData",
     "round_shuffle_seed",
     "digits_cnn",
+    "digits_label_private_split",
     "digits_split",
     "evaluate_model",
     "load_digits_split",
@@ -67,6 +68,19 @@ def digits_split(*, cut: int | str = "pool", batch_norm: bool = False) -> SplitM
     """The digits CNN cut at ``cut`` (by default right after its convolutional block)."""
     return split_model(
         digits_cnn(batch_norm=batch_norm), cut=cut, sample_input=torch.zeros(2, *IMAGE_SHAPE)
+    )
+
+
+def digits_label_private_split(
+    *, cut: int | str = "pool", server_cut: int | str = "relu3", batch_norm: bool = False
+) -> LabelPrivateSplit:
+    """The digits CNN cut in three for the label-private split: by default the client keeps the
+    convolutional block and the last linear layer (``fc2``) with the loss."""
+    return split_label_private(
+        digits_cnn(batch_norm=batch_norm),
+        cut=cut,
+        server_cut=server_cut,
+        sample_input=torch.zeros(2, *IMAGE_SHAPE),
     )
 
 

@@ -6,8 +6,22 @@ format, and the server-half update rules. Flower strategies live in :mod:`strate
 
 from .client import DataPlaneTicket, TrainStats, run_local_epochs, train_client_half
 from .config import OptimizerConfig, Variant
-from .cut import CutError, SplitModel, join_halves, split_model
-from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
+from .cut import (
+    CutError,
+    LabelPrivateSplit,
+    SplitModel,
+    join_halves,
+    split_label_private,
+    split_model,
+)
+from .dataplane import (
+    DataPlane,
+    Exchange,
+    GrpcDataPlane,
+    LabelPrivateDataPlane,
+    SplitServerError,
+)
+from .privacy import PrivacyConfig, PrivacyConfigError
 from .server import BatchError, RoundStats, SplitServer, round_token
 from .server_half import ServerHalfTrainer, SFLV1Trainer, SFLV2Trainer, StepResult, make_trainer
 from .tls import TLSCredentials, TLSError
@@ -19,7 +33,11 @@ __all__ = [
     "DataPlaneTicket",
     "Exchange",
     "GrpcDataPlane",
+    "LabelPrivateDataPlane",
+    "LabelPrivateSplit",
     "OptimizerConfig",
+    "PrivacyConfig",
+    "PrivacyConfigError",
     "RoundStats",
     "SFLV1Trainer",
     "SFLV2Trainer",
@@ -35,6 +53,7 @@ __all__ = [
     "join_halves",
     "make_trainer",
     "round_token",
+    "split_label_private",
     "run_local_epochs",
     "split_model",
     "train_client_half",

@@ -11,7 +11,17 @@ from torch import nn
 
 from .wire import WireFormatError, wire_dtype_name
 
-__all__ = ["CutError", "SplitModel", "join_halves", "split_model"]
+__all__ = [
+    "CLIENT_HEAD_PREFIX",
+    "CutError",
+    "LabelPrivateSplit",
+    "SplitModel",
+    "client_state_dict",
+    "join_halves",
+    "load_client_state_dict",
+    "split_label_private",
+    "split_model",
+]
 
 
 class CutError(ValueError):
@@ -170,3 +180,140 @@ def _cut_index(names: list[str], cut: int | str) -> int:
             f"Children: [{layers}]"
         )
     return cut
+
+
+CLIENT_HEAD_PREFIX = "client-head."
+"""Prefix of the client head's keys in the client's ``ArrayRecord`` (label-private split)."""
+
+
+@dataclass(frozen=True)
+class LabelPrivateSplit:
+    """A model cut in three for the label-private (U-shaped) split: labels never leave the client.
+
+    The client runs the lower layers (the client half) and the top layers with the loss (the
+    client head); the split server runs the layers in between (the server half). Per batch, the
+    client sends the cut-layer activations, the server answers with its output, the client sends
+    back the gradient of its loss at that output, and the server answers with the gradient at
+    the cut. Build it with :func:`split_label_private`.
+
+    Attributes
+    ----------
+    client_half : nn.Module
+        The lower layers, on the client.
+    server_half : nn.Module
+        The middle layers, on the split server.
+    client_head : nn.Module
+        The top layers, on the client; the loss is computed on its output.
+    activation_shape, activation_dtype
+        One example's cut-layer activations (what the client sends), as in :class:`SplitModel`.
+    output_shape, output_dtype
+        One example's server-half output (what the server sends back).
+    """
+
+    client_half: nn.Module
+    server_half: nn.Module
+    client_head: nn.Module
+    activation_shape: tuple[int, ...]
+    activation_dtype: torch.dtype
+    output_shape: tuple[int, ...]
+    output_dtype: torch.dtype
+
+    def full_model(self) -> nn.Sequential:
+        """The unsplit model (client half, server half, client head), sharing their parameters."""
+        return nn.Sequential(self.client_half, self.server_half, self.client_head)
+
+    def client_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the client sends to be merged: the client half and the client head, in one dict.
+
+        The head's keys carry :data:`CLIENT_HEAD_PREFIX`, so FedAvg merges both parts like any
+        other arrays.
+        """
+        return client_state_dict(self.client_half, self.client_head)
+
+
+def client_state_dict(client_half: nn.Module, client_head: nn.Module) -> dict[str, torch.Tensor]:
+    """The client half's state and the client head's (keys prefixed), as one dict."""
+    state = dict(client_half.state_dict())
+    for key, value in client_head.state_dict().items():
+        state[CLIENT_HEAD_PREFIX + key] = value
+    return state
+
+
+def load_client_state_dict(
+    client_half: nn.Module, client_head: nn.Module, state: dict[str, torch.Tensor]
+) -> None:
+    """Load a dict made by :func:`client_state_dict` into the two modules."""
+    head = {
+        k.removeprefix(CLIENT_HEAD_PREFIX): v
+        for k, v in state.items()
+        if k.startswith(CLIENT_HEAD_PREFIX)
+    }
+    half = {k: v for k, v in state.items() if not k.startswith(CLIENT_HEAD_PREFIX)}
+    client_half.load_state_dict(half)
+    client_head.load_state_dict(head)
+
+
+def split_label_private(
+    model: nn.Sequential, *, cut: int | str, server_cut: int | str, sample_input: torch.Tensor
+) -> LabelPrivateSplit:
+    """Cut ``model`` in three: client half, server half, client head.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+        The unsplit model; it is copied.
+    cut : int | str
+        The end of the client half, as in :func:`split_model`: an ``int`` k puts the first k
+        children on the client, a name is the last child of the client half.
+    server_cut : int | str
+        The end of the server half, the same way: an ``int`` k means the first k children are
+        the client half and the server half together; a name is the last child on the server.
+        The children after it form the client head, which must keep at least one layer.
+    sample_input : torch.Tensor
+        A batch of inputs, used to check that the three parts connect and to record shapes.
+
+    Raises
+    ------
+    CutError
+        If the cuts lie outside the model, are out of order, or the parts do not connect.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise CutError(
+            f"cannot cut a {type(model).__name__}: only nn.Sequential has an order of layers to "
+            "cut. Wrap the layers in nn.Sequential"
+        )
+    names = [name for name, _ in model.named_children()]
+    first = _cut_index(names, cut)
+    second = _cut_index(names, server_cut)
+    if second <= first:
+        layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
+        raise CutError(
+            f"server_cut={server_cut!r} must come after cut={cut!r}, so that the server half keeps "
+            f"at least one layer. Children: [{layers}]"
+        )
+    children = list(copy.deepcopy(model).named_children())
+    client_half = nn.Sequential(OrderedDict(children[:first]))
+    server_half = nn.Sequential(OrderedDict(children[first:second]))
+    client_head = nn.Sequential(OrderedDict(children[second:]))
+    lower = join_halves(client_half=client_half, server_half=server_half, sample_input=sample_input)
+    modes = (client_half.training, server_half.training)
+    client_half.eval()
+    server_half.eval()
+    try:
+        with torch.no_grad():
+            middle_input = client_half(sample_input)
+        upper = join_halves(
+            client_half=server_half, server_half=client_head, sample_input=middle_input
+        )
+    finally:
+        client_half.train(modes[0])
+        server_half.train(modes[1])
+    return LabelPrivateSplit(
+        client_half=client_half,
+        server_half=server_half,
+        client_head=client_head,
+        activation_shape=lower.activation_shape,
+        activation_dtype=lower.activation_dtype,
+        output_shape=upper.activation_shape,
+        output_dtype=upper.activation_dtype,
+    )

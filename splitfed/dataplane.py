@@ -23,7 +23,13 @@ from .server import (
 )
 from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
 
-__all__ = ["DataPlane", "Exchange", "GrpcDataPlane", "SplitServerError"]
+__all__ = [
+    "DataPlane",
+    "Exchange",
+    "GrpcDataPlane",
+    "LabelPrivateDataPlane",
+    "SplitServerError",
+]
 
 
 class SplitServerError(RuntimeError):
@@ -44,6 +50,22 @@ class DataPlane(Protocol):
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
         """Send one batch; return the gradient at the cut for it."""
+        ...
+
+    def close(self) -> None:
+        """End the stream."""
+        ...
+
+
+class LabelPrivateDataPlane(Protocol):
+    """What the label-private (U-shaped) training loop needs: two exchanges per batch."""
+
+    def forward_server_half(self, step: int, activations: torch.Tensor) -> torch.Tensor:
+        """Send one batch's activations (no labels); return the server half's output."""
+        ...
+
+    def backward_server_half(self, step: int, output_gradient: torch.Tensor) -> torch.Tensor:
+        """Send the gradient at the server half's output; return the gradient at the cut."""
         ...
 
     def close(self) -> None:
@@ -157,6 +179,63 @@ class GrpcDataPlane:
             loss=float(reply.scalars.get("loss", float("nan"))),
             correct=int(reply.scalars.get("correct", 0)),
         )
+
+    def forward_server_half(self, step: int, activations: torch.Tensor) -> torch.Tensor:
+        """Label-private split: send activations alone; return the server half's output."""
+        reply = self._round_trip(
+            Frame(FrameKind.SMASHED, step, tensors={"activations": activations}),
+            expect=FrameKind.SERVER_OUTPUT,
+            tensor="outputs",
+        )
+        outputs = reply.tensors["outputs"]
+        if outputs.dim() < 1 or outputs.shape[0] != activations.shape[0]:
+            raise SplitServerError(
+                f"the server half's output has shape {tuple(outputs.shape)} for a batch of "
+                f"{activations.shape[0]}"
+            )
+        return outputs
+
+    def backward_server_half(self, step: int, output_gradient: torch.Tensor) -> torch.Tensor:
+        """Label-private split: send the gradient at the server half's output; return the
+        gradient at the cut."""
+        reply = self._round_trip(
+            Frame(FrameKind.OUTPUT_GRADIENT, step, tensors={"gradient": output_gradient}),
+            expect=FrameKind.BACKWARD,
+            tensor="gradient",
+        )
+        return reply.tensors["gradient"]
+
+    def _round_trip(self, request: Frame, *, expect: str, tensor: str) -> Frame:
+        data = encode_frame(request)
+        self._outbox.put(data)
+        self.bytes_sent += len(data)
+        step = request.step
+        try:
+            data = next(self._replies)
+        except grpc.RpcError as err:
+            raise SplitServerError(
+                f"the split server at {self.address} ended the stream at step {step}: "
+                f"{err.code().name}: {err.details()}"
+            ) from None
+        except StopIteration:
+            raise SplitServerError(
+                f"the split server at {self.address} closed the stream at step {step}"
+            ) from None
+        self.bytes_received += len(data)
+        try:
+            reply = decode_frame(data)
+        except WireFormatError as err:
+            raise SplitServerError(f"unreadable reply from the split server: {err}") from err
+        if reply.kind == FrameKind.ERROR:
+            raise SplitServerError(
+                f"the split server refused step {step}: {reply.scalars.get('error', '?')}"
+            )
+        if reply.kind != expect or reply.step != step or tensor not in reply.tensors:
+            raise SplitServerError(
+                f"expected a {expect!r} frame for step {step}, got a {reply.kind!r} frame for "
+                f"step {reply.step}"
+            )
+        return reply
 
     def close(self) -> None:
         self._outbox.put(None)

@@ -98,6 +98,11 @@ class SplitServer:
     insecure : bool (default: False)
         Serve plaintext: activations, labels and gradients cross the network unencrypted.
         Only for a single machine or a private network; it logs a warning.
+    label_private : bool (default: False)
+        Serve the label-private (U-shaped) split: clients send activations without labels
+        (``SMASHED``), get the server half's output back (``SERVER_OUTPUT``), send the gradient
+        of their loss at it (``OUTPUT_GRADIENT``) and get the gradient at the cut
+        (``BACKWARD``). The server half then ends where the client head begins.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class SplitServer:
         max_streams: int = 64,
         tls: TLSCredentials | None = None,
         insecure: bool = False,
+        label_private: bool = False,
     ) -> None:
         if tls is None and not insecure:
             raise ValueError(
@@ -127,6 +133,7 @@ class SplitServer:
         self.bind_address = address
         self._advertised = advertised_address or None
         self.max_streams = max_streams
+        self.label_private = label_private
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._steps_done = threading.Condition(self._lock)
@@ -286,8 +293,9 @@ class SplitServer:
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         node_id = self._authenticate(context)
+        serve = self._serve_label_private_batches if self.label_private else self._serve_batches
         try:
-            yield from self._serve_batches(node_id, requests, context)
+            yield from serve(node_id, requests, context)
         finally:
             with self._lock:
                 if self._streams.get(node_id) is context:
@@ -336,11 +344,34 @@ class SplitServer:
             yield encoded
 
     def _validate_batch(
-        self, frame: Frame, *, expected_step: int
+        self, frame: Frame, *, expected_step: int, kind: str = FrameKind.FORWARD
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return a FORWARD frame's activations and labels, or raise :class:`BatchError`."""
-        if frame.kind != FrameKind.FORWARD:
-            raise BatchError(f"expected a {FrameKind.FORWARD!r} frame, got {frame.kind!r}")
+        """Return a FORWARD frame's activations and labels, or raise :class:`BatchError`.
+
+        With ``kind=SMASHED`` (the label-private split) the frame must carry no labels, and the
+        labels returned are an empty placeholder.
+        """
+        if frame.kind != kind:
+            raise BatchError(
+                f"expected a {kind!r} frame, got {frame.kind!r}"
+                + (
+                    "; the client and the split server must both run the label-private split, "
+                    "or both the plain one (run-config key label-private)"
+                    if FrameKind.SMASHED in (kind, frame.kind)
+                    else ""
+                )
+            )
+        if kind == FrameKind.SMASHED:
+            if "labels" in frame.tensors:
+                raise BatchError(
+                    "the frame carries labels, which stay on the client in the label-private "
+                    "split; send the activations alone"
+                )
+            smashed = frame.tensors.get("activations")
+            count = smashed.shape[0] if smashed is not None and smashed.dim() >= 1 else 0
+            frame = Frame(
+                frame.kind, frame.step, tensors={**frame.tensors, "labels": torch.empty(count)}
+            )
         if frame.step != expected_step:
             raise BatchError(
                 f"expected step {expected_step}, got {frame.step}: steps on a stream are "
@@ -374,3 +405,101 @@ class SplitServer:
                 "not finite: lower the learning rate or check the data"
             )
         return activations, labels
+
+    def _serve_label_private_batches(
+        self, node_id: int, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """The label-private split: each step is SMASHED -> SERVER_OUTPUT, then
+        OUTPUT_GRADIENT -> BACKWARD. A refused frame drops the step's pending batch."""
+        expected_step = 1
+        output_shape: torch.Size | None = None  # set while a batch waits for its output gradient
+        try:
+            for data in requests:
+                with self._lock:
+                    if self._streams.get(node_id) is not context:
+                        return  # the round was closed while this frame was on its way
+                    self._steps_in_flight += 1
+                step = expected_step
+                finished = 0
+                try:
+                    frame = decode_frame(data)
+                    step = frame.step
+                    if output_shape is None:
+                        activations, _ = self._validate_batch(
+                            frame, expected_step=expected_step, kind=FrameKind.SMASHED
+                        )
+                        outputs = self._run_server_half(
+                            self.trainer.forward_server_half, node_id, activations
+                        )
+                        output_shape = outputs.shape
+                        reply = Frame(FrameKind.SERVER_OUTPUT, step, tensors={"outputs": outputs})
+                    else:
+                        gradient = self._validate_output_gradient(
+                            frame, expected_step=expected_step, output_shape=output_shape
+                        )
+                        output_shape = None
+                        result = self._run_server_half(
+                            self.trainer.backward_server_half, node_id, gradient
+                        )
+                        reply = Frame(
+                            FrameKind.BACKWARD, step, tensors={"gradient": result.cut_gradient}
+                        )
+                        expected_step += 1
+                        finished = 1
+                    refused = 0
+                except (WireFormatError, BatchError) as err:
+                    logger.warning(
+                        "Split server refused step %s from node %s: %s", step, node_id, err
+                    )
+                    if output_shape is not None:
+                        self.trainer.abandon_server_half(node_id)
+                        output_shape = None
+                    reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
+                    refused = 1
+                finally:
+                    with self._lock:
+                        self._steps_in_flight -= 1
+                        self._steps_done.notify_all()
+                encoded = encode_frame(reply)
+                with self._lock:
+                    self._stats.bytes_received += len(data)
+                    self._stats.bytes_sent += len(encoded)
+                    self._stats.batches += finished
+                    self._stats.refused_batches += refused
+                yield encoded
+        finally:
+            self.trainer.abandon_server_half(node_id)
+
+    @staticmethod
+    def _run_server_half(method, node_id: int, tensor: torch.Tensor):
+        try:
+            return method(node_id, tensor)
+        except Exception as err:  # the server half itself failed on this batch
+            raise BatchError(f"the server half failed on this batch: {err}") from err
+
+    @staticmethod
+    def _validate_output_gradient(
+        frame: Frame, *, expected_step: int, output_shape: torch.Size
+    ) -> torch.Tensor:
+        """Return an OUTPUT_GRADIENT frame's gradient, or raise :class:`BatchError`."""
+        if frame.kind != FrameKind.OUTPUT_GRADIENT or frame.step != expected_step:
+            raise BatchError(
+                f"expected the {FrameKind.OUTPUT_GRADIENT!r} frame of step {expected_step}, got "
+                f"a {frame.kind!r} frame of step {frame.step}: send the gradient at the server "
+                "half's output before the next batch"
+            )
+        gradient = frame.tensors.get("gradient")
+        if gradient is None:
+            raise BatchError("the output-gradient frame lacks its 'gradient' tensor")
+        if gradient.shape != output_shape or not gradient.is_floating_point():
+            raise BatchError(
+                f"the output gradient has shape {tuple(gradient.shape)} and dtype "
+                f"{gradient.dtype}; the server half's output had shape {tuple(output_shape)}: "
+                "send one floating-point gradient of the same shape"
+            )
+        if not bool(torch.isfinite(gradient).all()):
+            raise BatchError(
+                "the output gradient contains NaN or infinity; the client head diverged: lower "
+                "the learning rate or check the data"
+            )
+        return gradient

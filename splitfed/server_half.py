@@ -72,6 +72,7 @@ class ServerHalfTrainer(ABC):
         self.optimizer_config = optimizer
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
         self._counts_lock = threading.Lock()
+        self._pending: dict[int, tuple[torch.optim.Optimizer, torch.Tensor, torch.Tensor]] = {}
         self.steps_by_node: dict[int, int] = {}
         self.examples_by_node: dict[int, int] = {}
 
@@ -136,6 +137,63 @@ class ServerHalfTrainer(ABC):
             cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct
         )
 
+    # -- the label-private (U-shaped) split: one batch, two exchanges ----------------------------
+
+    def forward_server_half(self, node_id: int, activations: torch.Tensor) -> torch.Tensor:
+        """Run the server half on a batch from ``node_id``; return its output.
+
+        The graph is kept until :meth:`backward_server_half` (or :meth:`abandon_server_half`)
+        for the same node: the update of one batch spans the client's round trip through its
+        head. SFLV2 holds its one server half for the batch in between, so batches of different
+        clients are still applied one at a time.
+        """
+        module, optimizer = self._module_for(node_id)
+        self._hold(node_id)
+        try:
+            leaf = activations.to(self.device).requires_grad_(True)
+            outputs = module(leaf)
+        except BaseException:
+            self._let_go(node_id)
+            raise
+        with self._counts_lock:
+            self._pending[node_id] = (optimizer, leaf, outputs)
+        return outputs.detach().cpu()
+
+    def backward_server_half(self, node_id: int, output_gradient: torch.Tensor) -> StepResult:
+        """Backpropagate the client's gradient at the server half's output, step the optimizer,
+        and return the gradient at the cut. ``loss`` is NaN: the loss stays on the client."""
+        with self._counts_lock:
+            pending = self._pending.pop(node_id, None)
+        if pending is None:
+            raise RuntimeError(f"node {node_id} has no batch waiting for its output gradient")
+        optimizer, leaf, outputs = pending
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            outputs.backward(output_gradient.to(self.device, outputs.dtype))
+            optimizer.step()
+        finally:
+            self._let_go(node_id)
+        with self._counts_lock:
+            self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
+            self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + len(leaf)
+        return StepResult(cut_gradient=leaf.grad.cpu(), loss=float("nan"), correct=0)
+
+    def abandon_server_half(self, node_id: int) -> None:
+        """Drop a batch of ``node_id`` that will get no output gradient (its stream ended)."""
+        with self._counts_lock:
+            pending = self._pending.pop(node_id, None)
+        if pending is not None:
+            self._let_go(node_id)
+
+    def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        raise NotImplementedError(f"{type(self).__name__} does not serve the label-private split")
+
+    def _hold(self, node_id: int) -> None:  # noqa: B027 - optional hook
+        """Reserve what a label-private batch of ``node_id`` updates (nothing to reserve here)."""
+
+    def _let_go(self, node_id: int) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`_hold` reserved."""
+
 
 class SFLV1Trainer(ServerHalfTrainer):
     """SFLV1: one server-half copy and optimizer per client, averaged at the end of a round.
@@ -169,6 +227,9 @@ class SFLV1Trainer(ServerHalfTrainer):
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
         return {n: self._copies[n][0] for n in node_ids if n in self._copies}
+
+    def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return self._copies[node_id]
 
     def load_merged(self, state: Mapping[str, torch.Tensor]) -> None:
         super().load_merged(state)
@@ -216,6 +277,17 @@ class SFLV2Trainer(ServerHalfTrainer):
         self._worker: ThreadPoolExecutor | None = None
         self._worker_lock = threading.Lock()
         self._round_start: dict[str, Any] | None = None
+        # Held from a label-private batch's forward pass to its backward pass.
+        self._half_lock = threading.Lock()
+
+    def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return self.server_half, self.optimizer
+
+    def _hold(self, node_id: int) -> None:
+        self._half_lock.acquire()
+
+    def _let_go(self, node_id: int) -> None:
+        self._half_lock.release()
 
     def begin_round(self, node_ids: list[int]) -> None:
         super().begin_round(node_ids)

@@ -46,6 +46,14 @@ class FrameKind:
     """Server to client: the gradient at the cut for that batch, with its loss."""
     ERROR = "error"
     """Server to client: the batch was refused; the ``error`` scalar says why."""
+    # The label-private (U-shaped) split: two exchanges per batch, labels stay on the client.
+    SMASHED = "smashed"
+    """Client to server: cut-layer activations of one batch, without labels."""
+    SERVER_OUTPUT = "server-output"
+    """Server to client: the server half's output for that batch (the client head's input)."""
+    OUTPUT_GRADIENT = "output-gradient"
+    """Client to server: the gradient of the client's loss at the server half's output; the
+    server answers with a ``BACKWARD`` frame (the gradient at the cut)."""
 
 
 class WireFormatError(ValueError):

@@ -22,7 +22,7 @@ from flwr.supercore import log
 from splitfed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from splitfed.client import TICKET_KEY, DataPlaneTicket, peak_rss_mb
 from splitfed.config import OptimizerConfig, Variant
-from splitfed.cut import SplitModel
+from splitfed.cut import LabelPrivateSplit, SplitModel
 from splitfed.server import RoundStats, SplitServer
 from splitfed.server_half import LossFn, make_trainer
 from splitfed.tls import TLSCredentials
@@ -54,9 +54,12 @@ class SplitFed(Strategy):
 
     Parameters
     ----------
-    split : SplitModel
+    split : SplitModel | LabelPrivateSplit
         The cut model, from :func:`splitfed.split_model` or :func:`splitfed.join_halves`. Its
-        server half is copied: the strategy trains the copy.
+        server half is copied: the strategy trains the copy. A :class:`LabelPrivateSplit`
+        (:func:`splitfed.split_label_private`) runs the label-private (U-shaped) split: labels
+        and the loss stay with the clients, whose ArrayRecord then holds the client half and the
+        client head, merged together by ``aggregator``.
     variant : str (default: "v1")
         ``"v1"`` (SFLV1: one server-half copy per client, averaged with the client halves) or
         ``"v2"`` (SFLV2: one server half, updated by each client's batches in arrival order).
@@ -64,7 +67,8 @@ class SplitFed(Strategy):
         The server-half optimizer; ``None`` means ``OptimizerConfig()`` (SGD, lr 0.05). It keeps
         its state across batches and rounds.
     loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
-        The training loss on the server half's output; ``None`` means cross-entropy.
+        The training loss on the server half's output; ``None`` means cross-entropy. Not used
+        by the label-private split, whose loss is the clients' (``train_client_half``).
     aggregator : Strategy | None (default: None)
         Selects clients and merges client halves. ``None`` means
         ``FedAvg(fraction_evaluate=0.0)``. The SFLV1 server-half copies are always merged with
@@ -97,7 +101,7 @@ class SplitFed(Strategy):
     def __init__(
         self,
         *,
-        split: SplitModel,
+        split: SplitModel | LabelPrivateSplit,
         variant: str = Variant.V1,
         server_optimizer: OptimizerConfig | None = None,
         loss_fn: LossFn | None = None,
@@ -118,6 +122,15 @@ class SplitFed(Strategy):
                 f"min_completed_clients must be at least 1 or None; got {min_completed_clients}"
             )
         self.variant = Variant.validate(variant)
+        self.label_private = isinstance(split, LabelPrivateSplit)
+        if self.label_private and loss_fn is not None:
+            raise ValueError(
+                "in the label-private split the loss is computed by the client head: pass "
+                "loss_fn to train_client_half on the clients, not to the strategy"
+            )
+        self.server_loss_reduction = str(
+            getattr(loss_fn, "reduction", "unknown") if loss_fn is not None else "mean"
+        )
         self.merge_every = merge_every
         self.aggregator = aggregator if aggregator is not None else FedAvg(fraction_evaluate=0.0)
         self.min_completed_clients = (
@@ -132,7 +145,9 @@ class SplitFed(Strategy):
             loss_fn=loss_fn,
             device=device,
         )
-        self.client_half_keys = tuple(split.client_half.state_dict())
+        self.client_half_keys = tuple(
+            split.client_state_dict() if self.label_private else split.client_half.state_dict()
+        )
         self.split_server = SplitServer(
             trainer=self.trainer,
             activation_shape=split.activation_shape,
@@ -142,6 +157,7 @@ class SplitFed(Strategy):
             max_streams=max_streams,
             tls=tls,
             insecure=insecure,
+            label_private=self.label_private,
         )
         self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0
@@ -157,6 +173,7 @@ class SplitFed(Strategy):
         """Log the SplitFed settings, then the aggregator's."""
         log(INFO, "\t├──> SplitFed settings:")
         log(INFO, "\t│\t├── Variant: SFL%s", self.variant.upper())
+        log(INFO, "\t│\t├── Label-private (U-shaped): %s", self.label_private)
         log(INFO, "\t│\t├── Split server: %s", self.split_server.address or "(not started)")
         log(
             INFO, "\t│\t├── Data-plane TLS: %s", "on" if self.split_server.tls else "OFF (insecure)"
@@ -188,6 +205,8 @@ class SplitFed(Strategy):
                 resume_local=resume_local,
                 send_client_half=self._merges_after(server_round),
                 root_certificates=self._root_certificates,
+                label_private=self.label_private,
+                server_loss_reduction=self.server_loss_reduction,
             )
             # The aggregator may share one RecordDict among its messages: give each its own.
             content = RecordDict({**msg.content, TICKET_KEY: ticket.to_record()})
@@ -454,7 +473,8 @@ class SplitFed(Strategy):
             raise ValueError(
                 "initial_arrays do not match the client half of the SplitModel: expected keys "
                 f"{list(self.client_half_keys)}, got {list(arrays)}. Pass "
-                "ArrayRecord(split.client_half.state_dict())"
+                "ArrayRecord(split.client_half.state_dict()), or "
+                "ArrayRecord(split.client_state_dict()) for a LabelPrivateSplit"
             )
 
     def _record_round(
