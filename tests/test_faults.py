@@ -30,7 +30,7 @@ from tests.conftest import (
     cpu_seconds,
     marked_environment,
 )
-from tests.test_simulation import assert_trained_model_is, unsplit_reference
+from tests.test_simulation import unsplit_reference
 
 pytestmark = pytest.mark.slow
 
@@ -108,16 +108,21 @@ def checkpoint_round(output_dir: Path) -> int:
 def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
     tmp_path, ray_cluster, launch
 ):
-    # No momentum, so the merged model is exact up to float32 summation order (see
-    # test_simulation.py); with it, rounds amplify that order's last bits beyond comparison.
+    # No momentum: the merged model is then reproducible up to float32 summation order, which
+    # Flower's reply order changes from run to run (see test_simulation.py). Over three rounds
+    # that order moves weights by up to about 1e-4; a resume that lost or repeated a round
+    # would move them by a whole round's update, checked below to be far larger.
     overrides = {
         "num-server-rounds": 3,
         "client-momentum": 0.0,
         "server-momentum": 0.0,
-        "local-epochs": 4,
+        "local-epochs": 1,
     }
     config = AppConfig.from_run_config(overrides)
     expected = unsplit_reference(rounds=3, num_partitions=3, config=config)
+    one_round_short = unsplit_reference(rounds=2, num_partitions=3, config=config)
+    tolerance = 1e-3
+    assert max((expected[k] - one_round_short[k]).abs().max() for k in expected) > 10 * tolerance
     interrupted = tmp_path / "interrupted"
     with marked_environment() as marker:
         first = subprocess.Popen(
@@ -145,13 +150,16 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
     assert resumed.completed, resumed.failure_report()
     assert "resuming after round" in resumed.log
     assert sorted(resumed.metrics) == [1, 2, 3], format_table(resumed.metrics)
-    assert_trained_model_is(resumed, expected)
 
     uninterrupted = launch(run_config=overrides, num_supernodes=3, output_dir=tmp_path / "whole")
     assert uninterrupted.completed, uninterrupted.failure_report()
-    assert_trained_model_is(uninterrupted, expected)
-    resumed_model = torch.load(resumed.output_dir / "model.pt", weights_only=True)
-    whole_model = torch.load(uninterrupted.output_dir / "model.pt", weights_only=True)
+    models = {
+        name: torch.load(result.output_dir / "model.pt", weights_only=True)
+        for name, result in (("resumed", resumed), ("uninterrupted", uninterrupted))
+    }
     for half in ("client_half", "server_half"):
-        for key, value in whole_model[half].items():
-            torch.testing.assert_close(resumed_model[half][key], value, rtol=1e-4, atol=1e-5)
+        for key, value in models["uninterrupted"][half].items():
+            torch.testing.assert_close(
+                models["resumed"][half][key], value, rtol=0, atol=tolerance, msg=key
+            )
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=tolerance, msg=key)
