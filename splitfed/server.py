@@ -303,9 +303,12 @@ class SplitServer:
                     return  # the round was closed while this batch was on its way
                 self._steps_in_flight += 1
             step = expected_step
+            compression = "none"
             try:
                 frame = decode_frame(data)
                 step = frame.step
+                # Reply in kind: the gradient travels as the activations came.
+                compression = frame.codecs.get("activations", "none")
                 activations, labels = self._validate_batch(frame, expected_step=expected_step)
                 try:
                     result = self.trainer.step(node_id, activations, labels)
@@ -327,7 +330,14 @@ class SplitServer:
                 with self._lock:
                     self._steps_in_flight -= 1
                     self._steps_done.notify_all()
-            encoded = encode_frame(reply)
+            try:
+                encoded = encode_frame(reply, compression=compression)
+            except WireFormatError as err:  # e.g. a gradient beyond float16's range
+                logger.warning(
+                    "Split server cannot send step %s to node %s: %s", step, node_id, err
+                )
+                encoded = encode_frame(Frame(FrameKind.ERROR, step, scalars={"error": str(err)}))
+                refused = 1
             with self._lock:
                 self._stats.bytes_received += len(data)
                 self._stats.bytes_sent += len(encoded)
