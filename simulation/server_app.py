@@ -54,6 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         ),
         insecure=config.split_server_insecure,
         device=config.resolved_server_device(),
+        data_plane_compression=config.data_plane_compression,
     )
     full_model = split.full_model()
 

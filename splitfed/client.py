@@ -43,6 +43,8 @@ class DataPlaneTicket:
     """Reply with the client half; false in rounds after which client halves are not merged."""
     root_certificates: str = ""
     """PEM CA certificate(s) to verify the split server's TLS certificate; empty: plaintext."""
+    compression: str = "none"
+    """How activations and gradients travel on the data plane (see ``splitfed.wire``)."""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -53,6 +55,7 @@ class DataPlaneTicket:
                 "resume-local": self.resume_local,
                 "send-client-half": self.send_client_half,
                 "root-certificates": self.root_certificates,
+                "compression": self.compression,
             }
         )
 
@@ -71,6 +74,7 @@ class DataPlaneTicket:
             resume_local=bool(record["resume-local"]),
             send_client_half=bool(record["send-client-half"]),
             root_certificates=str(record.get("root-certificates", "")),
+            compression=str(record.get("compression", "none")),
         )
 
 
@@ -210,6 +214,7 @@ def train_client_half(
         server_round=ticket.server_round,
         token=ticket.token,
         root_certificates=ticket.root_certificates.encode() or None,
+        compression=ticket.compression,
     ) as data_plane:
         stats = run_local_epochs(
             client_half=client_half,

@@ -236,3 +236,10 @@ def test_a_gradient_the_codec_cannot_carry_is_refused_on_its_stream(split_server
     ):
         plane.exchange(1, split.client_half(inputs).detach(), labels)
     assert server.close_round().refused_batches == 1
+
+
+def test_the_strategy_refuses_an_unknown_compression_and_lists_the_choices() -> None:
+    from strategies import SplitFed  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="data_plane_compression='gzip' is not known.*'bf16'"):
+        SplitFed(split=small_split(), insecure=True, data_plane_compression="gzip")
