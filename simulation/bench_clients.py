@@ -70,7 +70,7 @@ def per_message_client_app(workload_name: str):
         record = msg.content.array_records["gradient"]
         if activations is not None and "gradient" in record:
             optimizer.zero_grad(set_to_none=True)
-            activations.backward(record["gradient"].torch())
+            activations.backward(torch.from_numpy(record["gradient"].numpy()))
             optimizer.step()
         data = _PENDING[f"data{node}"]
         inputs, labels = data[index % len(data)]

@@ -124,6 +124,7 @@ class SplitRun:
             activation_shape=self.split.activation_shape,
             activation_dtype=self.split.activation_dtype,
             insecure=True,
+            intra_op_threads=self.server_threads,
         )
         self.server.start()
         ctx = _context()
@@ -312,7 +313,11 @@ def _flower_per_message(conn: Connection, workload_name: str, steps: int) -> Non
             )
             (reply,) = grid.send_and_receive([message])
             batch = reply.content.array_records["batch"]
-            result = trainer.step(node, batch["activations"].torch(), batch["labels"].torch())
+            result = trainer.step(
+                node,
+                torch.from_numpy(batch["activations"].numpy()),
+                torch.from_numpy(batch["labels"].numpy()),
+            )
             gradient = {"gradient": Array(result.cut_gradient.numpy())}
             times.append(time.perf_counter() - started)
         trainer.close()
@@ -425,6 +430,7 @@ def measure_scaling(
         activation_shape=split.activation_shape,
         activation_dtype=split.activation_dtype,
         insecure=True,
+        intra_op_threads=server_threads,
     )
     server.start()
     ctx = mp.get_context("spawn")  # the load generators do not need torch
@@ -498,6 +504,11 @@ def _machine() -> str:
     )
 
 
+def _app_server_threads(variant: str) -> int:
+    """Torch threads of the split server as the app sets them (see simulation/server_app.py)."""
+    return 1 if variant == "v1" else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulation.benchmark", description=__doc__.split("\n\n")[0]
@@ -519,7 +530,8 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
         "--flower-steps",
         type=int,
         default=None,
-        help="batches driven by Flower messages (default: 30, 5 with --quick; 0 skips)",
+        help="batches driven by Flower messages (default: 30; 0, skipped, with --quick: "
+        "Ray's start-up alone outlasts a smoke test)",
     )
     parser.add_argument(
         "--scaling",
@@ -539,10 +551,8 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
         help="torch threads for the server half (default: the trainer's)",
     )
     args = parser.parse_args(argv)
-    if args.server_threads:
-        torch.set_num_threads(args.server_threads)
     repeats = args.repeats or (1 if args.quick else 5)
-    flower_steps = args.flower_steps if args.flower_steps is not None else (5 if args.quick else 30)
+    flower_steps = args.flower_steps if args.flower_steps is not None else (0 if args.quick else 30)
 
     out(f"Machine: {_machine()}")
     shown = " ".join(argv if argv is not None else sys.argv[1:])
@@ -561,7 +571,7 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
                 samples=samples,
                 num_clients=num_clients,
                 repeats=repeats,
-                server_threads=args.server_threads,
+                server_threads=args.server_threads or _app_server_threads(variant),
             )
             overhead_rows.append(
                 [
@@ -672,15 +682,33 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
         workload = WORKLOADS["W1"]
         clients = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
         steps = 20 if args.quick else args.scaling_steps
-        curve = measure_scaling(
-            workload, clients=clients, steps=steps, server_threads=args.server_threads
-        )
-        base = curve[clients[0]]
-        out("\nSFLV1 split server throughput, W1 batches, clients that only send")
+        cores = os.cpu_count() or 1
+        curves = {
+            threads: measure_scaling(workload, clients=clients, steps=steps, server_threads=threads)
+            for threads in (cores, 1)
+        }
+        out("\nSFLV1 split server throughput (W1 batches/s), clients that only send")
         out(
             _table(
-                ["clients", "batches/s", "vs 1 client"],
-                [[n, f"{v:,.0f}", f"{v / base:.2f}x"] for n, v in curve.items()],
+                [
+                    "clients",
+                    f"{cores} torch threads (torch's default)",
+                    "x 1 client",
+                    "1 torch thread (the app's SFLV1 setting)",
+                    "x 1 client",
+                ],
+                [
+                    [n]
+                    + [
+                        part
+                        for threads in (cores, 1)
+                        for part in (
+                            f"{curves[threads][n]:,.0f}",
+                            f"{curves[threads][n] / curves[threads][clients[0]]:.2f}",
+                        )
+                    ]
+                    for n in clients
+                ],
             )
         )
     return 0

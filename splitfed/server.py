@@ -98,6 +98,11 @@ class SplitServer:
     insecure : bool (default: False)
         Serve plaintext: activations, labels and gradients cross the network unencrypted.
         Only for a single machine or a private network; it logs a warning.
+    intra_op_threads : int | None (default: None)
+        Torch threads per operation (``torch.set_num_threads``, which applies to the whole
+        process) set when the server starts. ``None`` leaves torch's setting. On a CPU shared by
+        several concurrent clients (SFLV1), 1 lets each client's stream use one core instead of
+        every stream fighting over all of them.
     """
 
     def __init__(
@@ -111,7 +116,13 @@ class SplitServer:
         max_streams: int = 64,
         tls: TLSCredentials | None = None,
         insecure: bool = False,
+        intra_op_threads: int | None = None,
     ) -> None:
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(
+                f"intra_op_threads must be at least 1, or None to leave torch's setting; got "
+                f"{intra_op_threads}"
+            )
         if tls is None and not insecure:
             raise ValueError(
                 "the split server needs TLS credentials: pass tls=TLSCredentials.from_files("
@@ -127,6 +138,7 @@ class SplitServer:
         self.bind_address = address
         self._advertised = advertised_address or None
         self.max_streams = max_streams
+        self.intra_op_threads = intra_op_threads
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._steps_done = threading.Condition(self._lock)
@@ -144,6 +156,8 @@ class SplitServer:
         """Start serving; return the address clients should dial."""
         if self._server is not None:
             raise RuntimeError("the split server is already running; call stop() first")
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.max_streams, thread_name_prefix="split-server"),
             options=GRPC_OPTIONS,
@@ -329,7 +343,8 @@ class SplitServer:
             finally:
                 with self._lock:
                     self._steps_in_flight -= 1
-                    self._steps_done.notify_all()
+                    if not self._steps_in_flight:  # only close_round waits, for zero
+                        self._steps_done.notify_all()
             try:
                 encoded = encode_frame(reply, compression=compression)
             except WireFormatError as err:  # e.g. a gradient beyond float16's range

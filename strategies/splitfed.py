@@ -93,6 +93,10 @@ class SplitFed(Strategy):
         A round merges only if at least this many selected clients finished it; otherwise it
         is dropped and both halves stay as they were before it (SFLV2's server half is rolled
         back). ``None`` means the aggregator's ``min_train_nodes`` (1 if it has none).
+    server_threads : int | None (default: None)
+        Torch threads per server-half operation, set for this process when the split server
+        starts (see :class:`splitfed.SplitServer`'s ``intra_op_threads``). ``None`` leaves
+        torch's setting; 1 suits SFLV1 on a CPU with several concurrent clients.
     data_plane_compression : str (default: "none")
         How activations and the gradients returned for them travel: ``"none"`` (exact),
         ``"fp16"``, ``"bf16"`` (half the bytes), ``"int8-row"`` or ``"int8-tensor"`` (a quarter,
@@ -117,6 +121,7 @@ class SplitFed(Strategy):
         insecure: bool = False,
         min_completed_clients: int | None = None,
         data_plane_compression: str = "none",
+        server_threads: int | None = None,
     ) -> None:
         if data_plane_compression not in COMPRESSIONS:
             raise ValueError(
@@ -155,6 +160,7 @@ class SplitFed(Strategy):
             max_streams=max_streams,
             tls=tls,
             insecure=insecure,
+            intra_op_threads=server_threads,
         )
         self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0

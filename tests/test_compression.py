@@ -19,7 +19,7 @@ from splitfed.wire import (
     encode_frame,
 )
 
-from .conftest import digits_batches, small_split, train_round_concurrently
+from .conftest import SGD_MOMENTUM, digits_batches, small_split, train_round_concurrently
 
 CODECS = [c for c in COMPRESSIONS if c != "none"]
 
@@ -243,3 +243,12 @@ def test_the_strategy_refuses_an_unknown_compression_and_lists_the_choices() -> 
 
     with pytest.raises(ValueError, match="data_plane_compression='gzip' is not known.*'bf16'"):
         SplitFed(split=small_split(), insecure=True, data_plane_compression="gzip")
+
+
+def test_split_server_refuses_fewer_than_one_intra_op_thread() -> None:
+    from splitfed import SplitServer, make_trainer  # noqa: PLC0415
+
+    split = small_split()
+    trainer = make_trainer("v1", server_half=split.server_half, optimizer=SGD_MOMENTUM)
+    with pytest.raises(ValueError, match="intra_op_threads must be at least 1, or None"):
+        SplitServer(trainer=trainer, activation_shape=(4, 4, 4), insecure=True, intra_op_threads=0)
