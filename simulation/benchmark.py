@@ -559,7 +559,20 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
     out(f"Command: python -m simulation.benchmark {shown}".rstrip())
     out("Clients: one process each, one torch thread, over gRPC on loopback.\n")
 
-    overhead_rows, byte_rows, cost_rows = [], [], []
+    # The overhead table prints row by row: the full run takes a while.
+    overhead_headers = [
+        "workload",
+        "clients x samples",
+        "split round s",
+        "unsplit s (1 / 2 threads)",
+        "ratio",
+        "limit (1/cores)",
+        "start-up s (+ first round)",
+    ]
+    out("Overhead vs the limit: steady SplitFed round / unsplit training, same samples")
+    for line in _table(overhead_headers, []).splitlines():
+        out(line)
+    byte_rows, cost_rows = [], []
     for name in args.workloads:
         workload = WORKLOADS[name]
         samples = workload.quick_samples_per_client if args.quick else workload.samples_per_client
@@ -573,17 +586,16 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
                 repeats=repeats,
                 server_threads=args.server_threads or _app_server_threads(variant),
             )
-            overhead_rows.append(
-                [
-                    f"{name} SFL{variant.upper()}",
-                    f"{num_clients} x {samples:,}",
-                    f"{result.split_seconds:.2f}",
-                    f"{result.unsplit_seconds[1]:.2f} / {result.unsplit_seconds[2]:.2f}",
-                    f"**{result.ratio:.2f}**",
-                    f"{1 / os.cpu_count():.2f}",
-                    f"{result.startup_seconds:.2f} + {result.first_round_seconds:.2f}",
-                ]
-            )
+            row = [
+                f"{name} SFL{variant.upper()}",
+                f"{num_clients} x {samples:,}",
+                f"{result.split_seconds:.2f}",
+                f"{result.unsplit_seconds[1]:.2f} / {result.unsplit_seconds[2]:.2f}",
+                f"**{result.ratio:.2f}**",
+                f"{1 / os.cpu_count():.2f}",
+                f"{result.startup_seconds:.2f} + {result.first_round_seconds:.2f}",
+            ]
+            out(_table(overhead_headers, [row]).splitlines()[-1])
         split = workload.split()
         full = split.full_model()
         sync = 2 * state_bytes(split.client_half) * num_clients
@@ -617,21 +629,6 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
             ]
         )
 
-    out("Overhead vs the limit: steady SplitFed round / unsplit training, same samples")
-    out(
-        _table(
-            [
-                "workload",
-                "clients x samples",
-                "split round s",
-                "unsplit s (1 / 2 threads)",
-                "ratio",
-                "limit (1/cores)",
-                "start-up s (+ first round)",
-            ],
-            overhead_rows,
-        )
-    )
     if flower_steps > 0:
         workload = WORKLOADS["W1"]
         plane = data_plane_step_seconds(workload, steps=max(flower_steps, 20))
@@ -715,4 +712,4 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(out=lambda line: print(line, flush=True)))
