@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, Variant
+from splitfed.wire import COMPRESSIONS
 
 __all__ = ["AGGREGATORS", "AppConfig"]
 
@@ -54,6 +55,7 @@ class AppConfig:
     dp_noise_multiplier: float = 0.0
     dp_max_grad_norm: float = 0.0
     privacy_delta: float = 1e-5
+    data_plane_compression: str = "none"
     client_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
     server_optimizer: OptimizerConfig = OptimizerConfig(momentum=0.9)
 
@@ -85,6 +87,11 @@ class AppConfig:
             problems.append(
                 f"server-device={self.server_device!r} must be 'cpu', 'cuda', 'cuda:N', 'mps' "
                 "or 'auto' (cuda when available)"
+            )
+        if self.data_plane_compression not in COMPRESSIONS:
+            problems.append(
+                f"data-plane-compression={self.data_plane_compression!r} must be one of "
+                f"{', '.join(repr(c) for c in COMPRESSIONS)}"
             )
         tls_files = {
             "split-server-certfile": self.split_server_certfile,

@@ -48,6 +48,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     else:
         split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
+    device = config.resolved_server_device()
     strategy = SplitFed(
         split=split,
         variant=config.variant,
@@ -64,7 +65,10 @@ def main(grid: Grid, context: Context) -> None:
             ca_certfile=config.split_server_ca_certfile,
         ),
         insecure=config.split_server_insecure,
-        device=config.resolved_server_device(),
+        device=device,
+        data_plane_compression=config.data_plane_compression,
+        # SFLV1 serves concurrent clients in parallel: one core each beats all fighting over all.
+        server_threads=1 if config.variant == "v1" and device == "cpu" else None,
     )
     full_model = split.full_model()
 

@@ -50,6 +50,8 @@ class DataPlaneTicket:
     """The split server runs the label-private (U-shaped) split."""
     server_loss_reduction: str = "mean"
     """How the split server's loss reduces over a batch (DP-SGD on the client assumes a mean)."""
+    compression: str = "none"
+    """How activations and gradients travel on the data plane (see ``splitfed.wire``)."""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -62,6 +64,7 @@ class DataPlaneTicket:
                 "root-certificates": self.root_certificates,
                 "label-private": self.label_private,
                 "server-loss-reduction": self.server_loss_reduction,
+                "compression": self.compression,
             }
         )
 
@@ -82,6 +85,7 @@ class DataPlaneTicket:
             root_certificates=str(record.get("root-certificates", "")),
             label_private=bool(record.get("label-private", False)),
             server_loss_reduction=str(record.get("server-loss-reduction", "mean")),
+            compression=str(record.get("compression", "none")),
         )
 
 
@@ -334,6 +338,7 @@ def train_client_half(
         server_round=ticket.server_round,
         token=ticket.token,
         root_certificates=ticket.root_certificates.encode() or None,
+        compression=ticket.compression,
     ) as data_plane:
         trained, step_optimizer = client_half, torch_optimizer
         if privacy is not None and privacy.dp_sgd:

@@ -21,7 +21,14 @@ from .server import (
     METADATA_TOKEN,
     TRAIN_METHOD,
 )
-from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
+from .wire import (
+    Frame,
+    FrameKind,
+    WireFormatError,
+    decode_frame,
+    encode_frame,
+    validate_compression,
+)
 
 __all__ = [
     "DataPlane",
@@ -91,6 +98,10 @@ class GrpcDataPlane:
         connects in plaintext (a split server started with ``insecure=True``).
     connect_timeout : float (default: 30.0)
         Seconds to wait for the split server to accept the connection.
+    compression : str (default: "none")
+        How activations travel, and so the gradients the split server returns: ``"none"``
+        (exact), ``"fp16"``, ``"bf16"``, ``"int8-row"`` or ``"int8-tensor"`` (see
+        :data:`splitfed.wire.COMPRESSIONS`).
     """
 
     def __init__(
@@ -102,7 +113,12 @@ class GrpcDataPlane:
         token: str,
         root_certificates: bytes | None = None,
         connect_timeout: float = 30.0,
+        compression: str = "none",
     ) -> None:
+        try:
+            self.compression = validate_compression(compression)
+        except WireFormatError as err:
+            raise ValueError(str(err)) from None
         self.address = address
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -135,7 +151,8 @@ class GrpcDataPlane:
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
         request = encode_frame(
-            Frame(FrameKind.FORWARD, step, tensors={"activations": activations, "labels": labels})
+            Frame(FrameKind.FORWARD, step, tensors={"activations": activations, "labels": labels}),
+            compression=self.compression,
         )
         self._outbox.put(request)
         self.bytes_sent += len(request)

@@ -103,6 +103,11 @@ class SplitServer:
         (``SMASHED``), get the server half's output back (``SERVER_OUTPUT``), send the gradient
         of their loss at it (``OUTPUT_GRADIENT``) and get the gradient at the cut
         (``BACKWARD``). The server half then ends where the client head begins.
+    intra_op_threads : int | None (default: None)
+        Torch threads per operation (``torch.set_num_threads``, which applies to the whole
+        process) set when the server starts. ``None`` leaves torch's setting. On a CPU shared by
+        several concurrent clients (SFLV1), 1 lets each client's stream use one core instead of
+        every stream fighting over all of them.
     """
 
     def __init__(
@@ -117,7 +122,13 @@ class SplitServer:
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         label_private: bool = False,
+        intra_op_threads: int | None = None,
     ) -> None:
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(
+                f"intra_op_threads must be at least 1, or None to leave torch's setting; got "
+                f"{intra_op_threads}"
+            )
         if tls is None and not insecure:
             raise ValueError(
                 "the split server needs TLS credentials: pass tls=TLSCredentials.from_files("
@@ -134,6 +145,7 @@ class SplitServer:
         self._advertised = advertised_address or None
         self.max_streams = max_streams
         self.label_private = label_private
+        self.intra_op_threads = intra_op_threads
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._steps_done = threading.Condition(self._lock)
@@ -151,6 +163,8 @@ class SplitServer:
         """Start serving; return the address clients should dial."""
         if self._server is not None:
             raise RuntimeError("the split server is already running; call stop() first")
+        if self.intra_op_threads is not None:
+            torch.set_num_threads(self.intra_op_threads)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self.max_streams, thread_name_prefix="split-server"),
             options=GRPC_OPTIONS,
@@ -311,9 +325,12 @@ class SplitServer:
                     return  # the round was closed while this batch was on its way
                 self._steps_in_flight += 1
             step = expected_step
+            compression = "none"
             try:
                 frame = decode_frame(data)
                 step = frame.step
+                # Reply in kind: the gradient travels as the activations came.
+                compression = frame.codecs.get("activations", "none")
                 activations, labels = self._validate_batch(frame, expected_step=expected_step)
                 try:
                     result = self.trainer.step(node_id, activations, labels)
@@ -334,8 +351,16 @@ class SplitServer:
             finally:
                 with self._lock:
                     self._steps_in_flight -= 1
-                    self._steps_done.notify_all()
-            encoded = encode_frame(reply)
+                    if not self._steps_in_flight:  # only close_round waits, for zero
+                        self._steps_done.notify_all()
+            try:
+                encoded = encode_frame(reply, compression=compression)
+            except WireFormatError as err:  # e.g. a gradient beyond float16's range
+                logger.warning(
+                    "Split server cannot send step %s to node %s: %s", step, node_id, err
+                )
+                encoded = encode_frame(Frame(FrameKind.ERROR, step, scalars={"error": str(err)}))
+                refused = 1
             with self._lock:
                 self._stats.bytes_received += len(data)
                 self._stats.bytes_sent += len(encoded)

@@ -26,6 +26,7 @@ from splitfed.cut import LabelPrivateSplit, SplitModel
 from splitfed.server import RoundStats, SplitServer
 from splitfed.server_half import LossFn, make_trainer
 from splitfed.tls import TLSCredentials
+from splitfed.wire import COMPRESSIONS
 
 __all__ = ["SplitFed", "SplitFedEvaluateFn", "SplitFedResult"]
 
@@ -96,6 +97,15 @@ class SplitFed(Strategy):
         A round merges only if at least this many selected clients finished it; otherwise it
         is dropped and both halves stay as they were before it (SFLV2's server half is rolled
         back). ``None`` means the aggregator's ``min_train_nodes`` (1 if it has none).
+    server_threads : int | None (default: None)
+        Torch threads per server-half operation, set for this process when the split server
+        starts (see :class:`splitfed.SplitServer`'s ``intra_op_threads``). ``None`` leaves
+        torch's setting; 1 suits SFLV1 on a CPU with several concurrent clients.
+    data_plane_compression : str (default: "none")
+        How activations and the gradients returned for them travel: ``"none"`` (exact),
+        ``"fp16"``, ``"bf16"`` (half the bytes), ``"int8-row"`` or ``"int8-tensor"`` (a quarter,
+        with a float32 scale per example or per batch). Clients receive it in their ticket; the
+        split server replies in the codec each batch came in. Round metrics count wire bytes.
     """
 
     def __init__(
@@ -114,7 +124,15 @@ class SplitFed(Strategy):
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         min_completed_clients: int | None = None,
+        data_plane_compression: str = "none",
+        server_threads: int | None = None,
     ) -> None:
+        if data_plane_compression not in COMPRESSIONS:
+            raise ValueError(
+                f"data_plane_compression={data_plane_compression!r} is not known; use one of "
+                f"{', '.join(repr(c) for c in COMPRESSIONS)}"
+            )
+        self.data_plane_compression = data_plane_compression
         if merge_every < 1:
             raise ValueError(f"merge_every must be at least 1; got {merge_every}")
         if min_completed_clients is not None and min_completed_clients < 1:
@@ -158,6 +176,7 @@ class SplitFed(Strategy):
             tls=tls,
             insecure=insecure,
             label_private=self.label_private,
+            intra_op_threads=server_threads,
         )
         self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0
@@ -179,6 +198,7 @@ class SplitFed(Strategy):
             INFO, "\t│\t├── Data-plane TLS: %s", "on" if self.split_server.tls else "OFF (insecure)"
         )
         log(INFO, "\t│\t├── Server optimizer: %s", self.trainer.optimizer_config)
+        log(INFO, "\t│\t├── Data-plane compression: %s", self.data_plane_compression)
         log(INFO, "\t│\t├── Merge every: %d round(s)", self.merge_every)
         log(INFO, "\t│\t└── Client-half aggregator: %s", type(self.aggregator).__name__)
         self.aggregator.summary()
@@ -207,6 +227,7 @@ class SplitFed(Strategy):
                 root_certificates=self._root_certificates,
                 label_private=self.label_private,
                 server_loss_reduction=self.server_loss_reduction,
+                compression=self.data_plane_compression,
             )
             # The aggregator may share one RecordDict among its messages: give each its own.
             content = RecordDict({**msg.content, TICKET_KEY: ticket.to_record()})

@@ -103,10 +103,15 @@ def train_through(
     batches: list,
     optimizer: torch.optim.Optimizer,
     local_epochs: int = 1,
+    compression: str = "none",
 ) -> TrainStats:
     """One client's local training over a real gRPC stream."""
     with GrpcDataPlane(
-        address=server.address, node_id=node_id, server_round=server_round, token=token
+        address=server.address,
+        node_id=node_id,
+        server_round=server_round,
+        token=token,
+        compression=compression,
     ) as plane:
         return run_local_epochs(
             client_half=client_half,
@@ -123,6 +128,7 @@ def train_round_concurrently(
     batches_by_node: dict[int, list],
     *,
     local_epochs: int = 1,
+    compression: str = "none",
 ) -> tuple[dict[int, nn.Module], dict[int, TrainStats]]:
     """Open round 1 for the nodes of ``batches_by_node`` and train them all at the same time.
 
@@ -141,6 +147,7 @@ def train_round_concurrently(
                 batches=batches_by_node[n],
                 optimizer=SGD_MOMENTUM.build(client_halves[n].parameters()),
                 local_epochs=local_epochs,
+                compression=compression,
             )
             for n in batches_by_node
         )

@@ -28,9 +28,13 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def train_message(server, server_round: int, client_half: nn.Module, extra_config=None) -> Message:
+def train_message(
+    server, server_round: int, client_half: nn.Module, extra_config=None, compression="none"
+) -> Message:
     token = server.open_round(server_round, [NODE])[NODE]
-    ticket = DataPlaneTicket(address=server.address, token=token, server_round=server_round)
+    ticket = DataPlaneTicket(
+        address=server.address, token=token, server_round=server_round, compression=compression
+    )
     return Message(
         RecordDict(
             {
@@ -184,3 +188,31 @@ def test_local_epochs_must_be_positive():
             optimizer=torch.optim.SGD(split.client_half.parameters(), lr=0.1),
             local_epochs=0,
         )
+
+
+def test_the_ticket_sets_the_data_plane_compression(split_server_factory):
+    split = small_split()
+    server = split_server_factory(split, variant="v1")
+    batches = digits_batches(0, 64, 16)
+    sent = {}
+    for compression in ("none", "int8-row"):
+        train_client_half(
+            train_message(server, 1, split.client_half, compression=compression),
+            new_context(),
+            client_half=copy.deepcopy(split.client_half),
+            train_loader=batches,
+            optimizer=SGD_MOMENTUM,
+        )
+        sent[compression] = server.close_round().bytes_received
+    assert sent["int8-row"] < sent["none"] * 0.4
+
+
+def test_a_ticket_without_compression_means_none():
+    record = DataPlaneTicket(address="a:1", token="t", server_round=1).to_record()
+    del record["compression"]
+    message = Message(
+        RecordDict({"arrays": ArrayRecord(), "splitfed": record}),
+        dst_node_id=NODE,
+        message_type="train",
+    )
+    assert DataPlaneTicket.from_message(message).compression == "none"

@@ -409,6 +409,7 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
         ({"variant": "v3"}, "variant must be one of v1, v2"),
         ({"client-lr": -1}, "learning rate must be positive"),
         ({"server-optimizer": "rmsprop"}, "optimizer must be one of sgd, adam"),
+        ({"data-plane-compression": "zip"}, "data-plane-compression='zip' must be one of"),
         (
             {"split-server-insecure": False, "split-server-certfile": "s.crt"},
             "split-server-insecure=false needs split-server-keyfile, split-server-ca-certfile",
