@@ -307,47 +307,39 @@ class SplitServer:
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         node_id = self._authenticate(context)
-        serve = self._serve_label_private_batches if self.label_private else self._serve_batches
+        steps = (_LabelPrivateSteps if self.label_private else _PlainSteps)(self, node_id)
         try:
-            yield from serve(node_id, requests, context)
+            yield from self._serve_frames(node_id, requests, context, steps)
         finally:
+            steps.abandon()
             with self._lock:
                 if self._streams.get(node_id) is context:
                     del self._streams[node_id]
 
-    def _serve_batches(
-        self, node_id: int, requests: Iterator[bytes], context: grpc.ServicerContext
+    def _serve_frames(
+        self,
+        node_id: int,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        steps: _PlainSteps | _LabelPrivateSteps,
     ) -> Iterator[bytes]:
-        expected_step = 1
+        """Answer each frame through ``steps``; a refused frame gets an ERROR reply."""
         for data in requests:
             with self._lock:
                 if self._streams.get(node_id) is not context:
-                    return  # the round was closed while this batch was on its way
+                    return  # the round was closed while this frame was on its way
                 self._steps_in_flight += 1
-            step = expected_step
-            compression = "none"
+            step, compression, finished = steps.expected_step, "none", False
             try:
                 frame = decode_frame(data)
                 step = frame.step
-                # Reply in kind: the gradient travels as the activations came.
-                compression = frame.codecs.get("activations", "none")
-                activations, labels = self._validate_batch(frame, expected_step=expected_step)
-                try:
-                    result = self.trainer.step(node_id, activations, labels)
-                except Exception as err:  # the server half itself failed on this batch
-                    raise BatchError(f"the server half failed on this batch: {err}") from err
-                reply = Frame(
-                    FrameKind.BACKWARD,
-                    step,
-                    tensors={"gradient": result.cut_gradient},
-                    scalars={"loss": result.loss, "correct": result.correct},
-                )
-                expected_step += 1
-                refused = 0
+                # Reply in kind: the answer travels in the codec the request came in.
+                compression = next(iter(frame.codecs.values()), "none")
+                reply, finished = steps.answer(frame)
             except (WireFormatError, BatchError) as err:
                 logger.warning("Split server refused step %s from node %s: %s", step, node_id, err)
+                steps.abandon()
                 reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
-                refused = 1
             finally:
                 with self._lock:
                     self._steps_in_flight -= 1
@@ -359,13 +351,14 @@ class SplitServer:
                 logger.warning(
                     "Split server cannot send step %s to node %s: %s", step, node_id, err
                 )
-                encoded = encode_frame(Frame(FrameKind.ERROR, step, scalars={"error": str(err)}))
-                refused = 1
+                steps.abandon()
+                reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
+                encoded, finished = encode_frame(reply), False
             with self._lock:
                 self._stats.bytes_received += len(data)
                 self._stats.bytes_sent += len(encoded)
-                self._stats.batches += 1 - refused
-                self._stats.refused_batches += refused
+                self._stats.batches += int(finished)
+                self._stats.refused_batches += int(reply.kind == FrameKind.ERROR)
             yield encoded
 
     def _validate_batch(
@@ -431,74 +424,10 @@ class SplitServer:
             )
         return activations, labels
 
-    def _serve_label_private_batches(
-        self, node_id: int, requests: Iterator[bytes], context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        """The label-private split: each step is SMASHED -> SERVER_OUTPUT, then
-        OUTPUT_GRADIENT -> BACKWARD. A refused frame drops the step's pending batch."""
-        expected_step = 1
-        output_shape: torch.Size | None = None  # set while a batch waits for its output gradient
-        try:
-            for data in requests:
-                with self._lock:
-                    if self._streams.get(node_id) is not context:
-                        return  # the round was closed while this frame was on its way
-                    self._steps_in_flight += 1
-                step = expected_step
-                finished = 0
-                try:
-                    frame = decode_frame(data)
-                    step = frame.step
-                    if output_shape is None:
-                        activations, _ = self._validate_batch(
-                            frame, expected_step=expected_step, kind=FrameKind.SMASHED
-                        )
-                        outputs = self._run_server_half(
-                            self.trainer.forward_server_half, node_id, activations
-                        )
-                        output_shape = outputs.shape
-                        reply = Frame(FrameKind.SERVER_OUTPUT, step, tensors={"outputs": outputs})
-                    else:
-                        gradient = self._validate_output_gradient(
-                            frame, expected_step=expected_step, output_shape=output_shape
-                        )
-                        output_shape = None
-                        result = self._run_server_half(
-                            self.trainer.backward_server_half, node_id, gradient
-                        )
-                        reply = Frame(
-                            FrameKind.BACKWARD, step, tensors={"gradient": result.cut_gradient}
-                        )
-                        expected_step += 1
-                        finished = 1
-                    refused = 0
-                except (WireFormatError, BatchError) as err:
-                    logger.warning(
-                        "Split server refused step %s from node %s: %s", step, node_id, err
-                    )
-                    if output_shape is not None:
-                        self.trainer.abandon_server_half(node_id)
-                        output_shape = None
-                    reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
-                    refused = 1
-                finally:
-                    with self._lock:
-                        self._steps_in_flight -= 1
-                        self._steps_done.notify_all()
-                encoded = encode_frame(reply)
-                with self._lock:
-                    self._stats.bytes_received += len(data)
-                    self._stats.bytes_sent += len(encoded)
-                    self._stats.batches += finished
-                    self._stats.refused_batches += refused
-                yield encoded
-        finally:
-            self.trainer.abandon_server_half(node_id)
-
     @staticmethod
-    def _run_server_half(method, node_id: int, tensor: torch.Tensor):
+    def _run_server_half(method, node_id: int, *tensors: torch.Tensor):
         try:
-            return method(node_id, tensor)
+            return method(node_id, *tensors)
         except Exception as err:  # the server half itself failed on this batch
             raise BatchError(f"the server half failed on this batch: {err}") from err
 
@@ -528,3 +457,63 @@ class SplitServer:
                 "the learning rate or check the data"
             )
         return gradient
+
+
+class _PlainSteps:
+    """The plain split: FORWARD (activations, labels) is answered by BACKWARD (cut gradient)."""
+
+    def __init__(self, server: SplitServer, node_id: int) -> None:
+        self.server, self.node_id, self.expected_step = server, node_id, 1
+
+    def answer(self, frame: Frame) -> tuple[Frame, bool]:
+        """The reply to ``frame`` and whether it finished a batch; raises on a bad frame."""
+        activations, labels = self.server._validate_batch(frame, expected_step=self.expected_step)
+        result = SplitServer._run_server_half(
+            self.server.trainer.step, self.node_id, activations, labels
+        )
+        self.expected_step += 1
+        reply = Frame(
+            FrameKind.BACKWARD,
+            frame.step,
+            tensors={"gradient": result.cut_gradient},
+            scalars={"loss": result.loss, "correct": result.correct},
+        )
+        return reply, True
+
+    def abandon(self) -> None:
+        """Drop a half-done batch (none: a plain step is done in one exchange)."""
+
+
+class _LabelPrivateSteps:
+    """The label-private split: SMASHED is answered by SERVER_OUTPUT, then OUTPUT_GRADIENT by
+    BACKWARD. A refused frame drops the step's pending batch."""
+
+    def __init__(self, server: SplitServer, node_id: int) -> None:
+        self.server, self.node_id, self.expected_step = server, node_id, 1
+        self.output_shape: torch.Size | None = None  # while a batch waits for its gradient
+
+    def answer(self, frame: Frame) -> tuple[Frame, bool]:
+        trainer = self.server.trainer
+        if self.output_shape is None:
+            activations, _ = self.server._validate_batch(
+                frame, expected_step=self.expected_step, kind=FrameKind.SMASHED
+            )
+            outputs = SplitServer._run_server_half(
+                trainer.forward_server_half, self.node_id, activations
+            )
+            self.output_shape = outputs.shape
+            return Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs}), False
+        gradient = SplitServer._validate_output_gradient(
+            frame, expected_step=self.expected_step, output_shape=self.output_shape
+        )
+        self.output_shape = None
+        result = SplitServer._run_server_half(trainer.backward_server_half, self.node_id, gradient)
+        self.expected_step += 1
+        return Frame(
+            FrameKind.BACKWARD, frame.step, tensors={"gradient": result.cut_gradient}
+        ), True
+
+    def abandon(self) -> None:
+        if self.output_shape is not None:
+            self.server.trainer.abandon_server_half(self.node_id)
+            self.output_shape = None
