@@ -44,7 +44,9 @@ from .launch import (
     _flwr_run,
     _read_metrics,
     _wait_healthy,
-    format_table,
+    add_run_arguments,
+    parse_run_config,
+    report,
 )
 from .processes import descendants, die_with_parent, free_port
 
@@ -636,31 +638,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-supernodes", type=int, default=2, help="SuperNodes (default: 2)")
     parser.add_argument(
-        "--run-config",
-        default="",
-        help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\"",
-    )
-    parser.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS and no SuperNode authentication (plaintext, for comparison)",
     )
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<time>/")
     parser.add_argument(
         "--work-dir",
         type=Path,
         default=None,
         help="keep certificates, keys and logs here (default: a temporary folder)",
     )
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds (default: 1800)")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-
-    from flwr.common.config import parse_config_args  # noqa: PLC0415 - keeps --help fast
-
-    overrides = parse_config_args([args.run_config]) if args.run_config else {}
     result = run_app(
-        run_config=overrides,
+        run_config=parse_run_config(args.run_config),
         num_supernodes=args.num_supernodes,
         tls=not args.insecure,
         supernode_auth=not args.insecure,
@@ -669,15 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         echo=not args.quiet,
     )
-    print()
-    if result.metrics:
-        print(format_table(result.metrics))
-        print(f"\nModel, metrics and logs: {result.output_dir}")
-    print(f"Run {result.run_id}: {result.status} in {result.seconds:.1f} s")
-    if not result.completed:
-        print(result.details, file=sys.stderr)
-        return 1
-    return 0
+    return report(result)
 
 
 if __name__ == "__main__":

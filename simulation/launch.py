@@ -361,6 +361,38 @@ def format_table(metrics: dict[int, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both launchers share: run config, output folder, timeout, quiet."""
+    parser.add_argument(
+        "--run-config",
+        default="",
+        help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\"",
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<time>/")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds (default: 1800)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """``--run-config`` text as Flower reads it."""
+    from flwr.common.config import parse_config_args  # noqa: PLC0415 - keeps --help fast
+
+    return parse_config_args([text]) if text else {}
+
+
+def report(result: LaunchResult) -> int:
+    """Print the per-round table and how the run ended; the exit code."""
+    print()
+    if result.metrics:
+        print(format_table(result.metrics))
+        print(f"\nModel, metrics and logs: {result.output_dir}")
+    print(f"Run {result.run_id}: {result.status} in {result.seconds:.1f} s")
+    if not result.completed:
+        print(result.details, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulation.launch",
@@ -389,21 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="HOST:PORT of a running Ray cluster to run the clients on (default: a private one)",
     )
-    parser.add_argument(
-        "--run-config",
-        default="",
-        help="run-config overrides, e.g. \"num-server-rounds=5 variant='v2'\"",
-    )
-    parser.add_argument("--output-dir", type=Path, default=None, help="default: outputs/<time>/")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds (default: 1800)")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-
-    from flwr.common.config import parse_config_args  # noqa: PLC0415 - keeps --help fast
-
-    overrides = parse_config_args([args.run_config]) if args.run_config else {}
     result = run_app(
-        run_config=overrides,
+        run_config=parse_run_config(args.run_config),
         num_supernodes=args.num_supernodes,
         clients_at_once=args.clients_at_once,
         client_cpus=args.client_cpus,
@@ -413,15 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         echo=not args.quiet,
     )
-    print()
-    if result.metrics:
-        print(format_table(result.metrics))
-        print(f"\nModel and metrics: {result.output_dir}")
-    print(f"Run {result.run_id}: {result.status} in {result.seconds:.1f} s")
-    if not result.completed:
-        print(result.details, file=sys.stderr)
-        return 1
-    return 0
+    return report(result)
 
 
 if __name__ == "__main__":

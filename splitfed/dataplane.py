@@ -150,41 +150,11 @@ class GrpcDataPlane:
         )
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
-        request = encode_frame(
+        reply = self._round_trip(
             Frame(FrameKind.FORWARD, step, tensors={"activations": activations, "labels": labels}),
-            compression=self.compression,
+            expect=FrameKind.BACKWARD,
+            tensor="gradient",
         )
-        self._outbox.put(request)
-        self.bytes_sent += len(request)
-        try:
-            data = next(self._replies)
-        except grpc.RpcError as err:
-            raise SplitServerError(
-                f"the split server at {self.address} ended the stream at step {step}: "
-                f"{err.code().name}: {err.details()}"
-            ) from None
-        except StopIteration:
-            raise SplitServerError(
-                f"the split server at {self.address} closed the stream at step {step}"
-            ) from None
-        self.bytes_received += len(data)
-        try:
-            reply = decode_frame(data)
-        except WireFormatError as err:
-            raise SplitServerError(f"unreadable reply from the split server: {err}") from err
-        if reply.kind == FrameKind.ERROR:
-            raise SplitServerError(
-                f"the split server refused step {step}: {reply.scalars.get('error', '?')}"
-            )
-        if (
-            reply.kind != FrameKind.BACKWARD
-            or reply.step != step
-            or "gradient" not in reply.tensors
-        ):
-            raise SplitServerError(
-                f"expected the gradient for step {step}, got a {reply.kind!r} frame for step "
-                f"{reply.step}"
-            )
         gradient = reply.tensors["gradient"]
         if gradient.shape != activations.shape:
             raise SplitServerError(
@@ -223,7 +193,9 @@ class GrpcDataPlane:
         return reply.tensors["gradient"]
 
     def _round_trip(self, request: Frame, *, expect: str, tensor: str) -> Frame:
-        data = encode_frame(request)
+        """Send ``request``; return the reply, which must be an ``expect`` frame for the same
+        step carrying ``tensor``."""
+        data = encode_frame(request, compression=self.compression)
         self._outbox.put(data)
         self.bytes_sent += len(data)
         step = request.step
