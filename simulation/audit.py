@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--label-defenses",
-        default="label-noise:0,label-noise:1,label-noise:3",
+        default="label-noise:0,label-noise:0.5,label-noise:1",
         help="label-private split (cut at pool, server to relu3): label-noise:MULTIPLIER",
     )
     parser.add_argument("--seeds", default="0,1,2", help="seeds (default: 0,1,2)")
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.cuts, args.defenses, args.label_defenses = (
             "pool",
             "none,noise:0.1",
-            "label-noise:0,label-noise:3",
+            "label-noise:0,label-noise:1",
         )
         args.seeds, args.epochs, args.decoder_epochs, args.attack_examples = "0", 2, 5, 100
     logging.getLogger("flwr_splitfed").setLevel(logging.ERROR)  # loopback, warnings known

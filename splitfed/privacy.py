@@ -68,8 +68,8 @@ class PrivacyConfig:
     nopeek_weight : float (default: 0.0)
         Weight of the distance-correlation penalty (NoPeek) in the client's loss; 0 is off.
     label_noise_multiplier : float (default: 0.0)
-        Label-private split only: pad each example's gradient at the server half's output to the
-        batch's largest norm, then add isotropic noise of this many times that norm; 0 is off.
+        Label-private split only: rescale each example's gradient at the server half's output to
+        the batch's mean norm, then add isotropic noise of this many times that norm; 0 is off.
     dp_noise_multiplier : float (default: 0.0)
         DP-SGD on the client half (Opacus): noise standard deviation over ``dp_max_grad_norm``.
     dp_max_grad_norm : float (default: 0.0)
@@ -292,18 +292,23 @@ def protect_output_gradient(
     noise_multiplier: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pad each example's gradient with Gaussian noise to the batch's largest norm (so norms no
-    longer tell examples apart), then add isotropic noise with expected norm
-    ``noise_multiplier`` times that largest norm (so directions do not either)."""
+    """Rescale each example's gradient to the batch's mean norm (so norms no longer tell
+    examples apart), then add isotropic Gaussian noise of expected norm ``noise_multiplier``
+    times that mean norm (so directions tell less).
+
+    Rescaling to the mean rather than padding to the largest norm keeps the noise in proportion
+    to a typical example: padding with noise up to the largest norm drowned the small gradients
+    of well-classified examples and made training collapse (docs/privacy.md).
+    """
     flat = gradient.flatten(1)
-    dim = flat.shape[1]
     norms = flat.norm(dim=1, keepdim=True)
-    largest = norms.max()
-    variance = (largest**2 - norms**2).clamp(min=0) / dim + (noise_multiplier * largest) ** 2 / dim
+    target = norms.mean()
+    rescaled = flat * (target / norms.clamp(min=torch.finfo(flat.dtype).tiny))
     noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device="cpu").to(
         flat.device
     )
-    return (flat + noise * variance.sqrt()).view_as(gradient)
+    std = noise_multiplier * target / flat.shape[1] ** 0.5
+    return (rescaled + noise * std).view_as(gradient)
 
 
 def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
