@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--label-defenses",
-        default="label-noise:0,label-noise:0.5,label-noise:1",
+        default="label-noise:0,label-noise:0.25,label-noise:0.5,label-noise:1",
         help="label-private split (cut at pool, server to relu3): label-noise:MULTIPLIER",
     )
     parser.add_argument("--seeds", default="0,1,2", help="seeds (default: 0,1,2)")

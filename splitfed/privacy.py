@@ -303,7 +303,9 @@ def protect_output_gradient(
     flat = gradient.flatten(1)
     norms = flat.norm(dim=1, keepdim=True)
     target = norms.mean()
-    rescaled = flat * (target / norms.clamp(min=torch.finfo(flat.dtype).tiny))
+    # Nearly vanished gradients are scaled up by at most 1000: never past the mean norm, and
+    # never by factors that overflow.
+    rescaled = flat * (target / norms.clamp(min=1e-3 * target + torch.finfo(flat.dtype).tiny))
     noise = torch.randn(flat.shape, generator=generator, dtype=flat.dtype, device="cpu").to(
         flat.device
     )
