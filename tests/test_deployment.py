@@ -120,8 +120,8 @@ def test_a_plaintext_supernode_cannot_reach_the_tls_superlink(deployment):
     )
     assert supernode.wait(timeout=60) == 1
     log = deployment.log_tail("plaintext")
+    # How the plaintext request dies varies (the TLS server drops it, or resets the connection).
     assert "Failed to initialize the connection to the SuperLink." in log
-    assert "Server disconnected without sending a response." in log
     # Its registration never got past the TLS handshake to the Fleet API.
     assert registration_requests(deployment) == requests_before
     assert len(deployment.online_supernodes()) == 1
