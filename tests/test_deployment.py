@@ -139,7 +139,7 @@ def clientapp_process(deployment: LocalDeployment, supernode: str) -> int | None
 
 
 def test_a_stalled_client_is_left_out_after_the_round_timeout(tmp_path):
-    round_timeout = 45.0  # a round takes about 20 s here, mostly Flower's 3 s polling
+    round_timeout = 60.0  # a round takes 20-37 s here, mostly Flower's 3 s polling
     stalled: list[int] = []
 
     def stall_supernode_0_while_it_trains(deployment: LocalDeployment) -> None:
