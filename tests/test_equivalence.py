@@ -42,11 +42,22 @@ def train_unsplit(
     epochs: int,
 ) -> None:
     """Centralized training of client_half -> server_half as one model, in place."""
-    model = nn.Sequential(client_half, server_half).train()
-    optimizers = [
-        client_optimizer.build(client_half.parameters()),
-        server_optimizer.build(server_half.parameters()),
-    ]
+    train_centrally(
+        nn.Sequential(client_half, server_half),
+        [
+            client_optimizer.build(client_half.parameters()),
+            server_optimizer.build(server_half.parameters()),
+        ],
+        batches,
+        epochs=epochs,
+    )
+
+
+def train_centrally(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], batches: list, *, epochs: int
+) -> None:
+    """Cross-entropy training of the whole ``model``, each part stepped by its own optimizer."""
+    model.train()
     for _ in range(epochs):
         for images, labels in batches:
             loss = nn.functional.cross_entropy(model(images), labels)

@@ -29,7 +29,7 @@ from splitfed import (
 from splitfed.cut import CLIENT_HEAD_PREFIX, load_client_state_dict
 from strategies import SplitFed
 from tests.conftest import SGD_MOMENTUM, digits_batches
-from tests.test_equivalence import assert_same_state
+from tests.test_equivalence import assert_same_state, train_centrally
 
 SAMPLE = torch.zeros(2, 1, 8, 8)
 
@@ -94,20 +94,16 @@ def test_client_state_holds_half_and_head_with_prefixed_keys():
 
 
 def train_unsplit_u(split, batches, *, client_optimizer, server_optimizer, epochs):
-    model = split.full_model().train()
     client_params = [*split.client_half.parameters(), *split.client_head.parameters()]
-    optimizers = [
-        client_optimizer.build(client_params),
-        server_optimizer.build(split.server_half.parameters()),
-    ]
-    for _ in range(epochs):
-        for images, labels in batches:
-            loss = nn.functional.cross_entropy(model(images), labels)
-            for optimizer in optimizers:
-                optimizer.zero_grad()
-            loss.backward()
-            for optimizer in optimizers:
-                optimizer.step()
+    train_centrally(
+        split.full_model(),
+        [
+            client_optimizer.build(client_params),
+            server_optimizer.build(split.server_half.parameters()),
+        ],
+        batches,
+        epochs=epochs,
+    )
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
