@@ -1,40 +1,47 @@
 """flwr-splitfed: SplitFed (split learning with federated averaging) for Flower, on PyTorch.
 
-The core library: cutting a model, the client's training loop, the split server and its wire
-format, and the server-half update rules. Flower strategies live in :mod:`strategies`.
+Everything public is imported from here::
+
+    from splitfed import SplitFed, split_model, train_client_half
+
+The core (cutting a model, the client's training loop, the split server and its wire format, the
+server-half update rules) lives in this package's modules; the Flower strategy in
+:mod:`splitfed.strategies`, which builds on the core and is never imported by it.
 """
 
-from .client import DataPlaneTicket, TrainStats, run_local_epochs, train_client_half
+from .checkpoint import CheckpointConfig, CheckpointError
+from .client import evaluate_client_half, train_client_half
 from .config import OptimizerConfig, Variant
-from .cut import (
-    CutError,
-    LabelPrivateSplit,
-    SplitModel,
-    join_halves,
-    split_label_private,
-    split_model,
-)
-from .dataplane import (
-    DataPlane,
-    Exchange,
-    GrpcDataPlane,
-    LabelPrivateDataPlane,
-    SplitServerError,
-)
+from .cut import CutError, SplitModel, join_halves, split_model
+from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
 from .privacy import PrivacyConfig, PrivacyConfigError
-from .server import BatchError, RoundStats, SplitServer, round_token
+from .protocol import DataPlaneTicket, Mode
+from .server import BatchError, RoundStats, SplitServer
 from .server_half import ServerHalfTrainer, SFLV1Trainer, SFLV2Trainer, StepResult, make_trainer
+from .strategies import SplitFed, SplitFedResult, SplitFedRunError
 from .tls import TLSCredentials, TLSError
+from .training import (
+    BatchSpec,
+    EvaluateStats,
+    TrainStats,
+    evaluate_locally,
+    run_local_epochs,
+)
+
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchError",
+    "BatchSpec",
+    "CheckpointConfig",
+    "CheckpointError",
     "CutError",
     "DataPlane",
     "DataPlaneTicket",
+    "EvaluateStats",
     "Exchange",
     "GrpcDataPlane",
-    "LabelPrivateDataPlane",
-    "LabelPrivateSplit",
+    "Mode",
     "OptimizerConfig",
     "PrivacyConfig",
     "PrivacyConfigError",
@@ -42,6 +49,9 @@ __all__ = [
     "SFLV1Trainer",
     "SFLV2Trainer",
     "ServerHalfTrainer",
+    "SplitFed",
+    "SplitFedResult",
+    "SplitFedRunError",
     "SplitModel",
     "SplitServer",
     "SplitServerError",
@@ -50,10 +60,10 @@ __all__ = [
     "TLSError",
     "TrainStats",
     "Variant",
+    "evaluate_client_half",
+    "evaluate_locally",
     "join_halves",
     "make_trainer",
-    "round_token",
-    "split_label_private",
     "run_local_epochs",
     "split_model",
     "train_client_half",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointConfig", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 
 class CheckpointError(RuntimeError):
@@ -57,3 +58,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         raise CheckpointError(
             f"cannot read the checkpoint {path}: {err}. Move it away to start the run afresh"
         ) from err
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how a SplitFed strategy checkpoints its run.
+
+    After every round that merged, the strategy writes the global client half, the server half,
+    the server-half optimizer state(s) and the metrics so far to ``path`` (atomically, see
+    :func:`save_checkpoint`); a run that finds a checkpoint there resumes after its round.
+
+    Parameters
+    ----------
+    path : str | Path
+        The checkpoint file.
+    fingerprint : str (default: "")
+        Identifies the run configuration; a checkpoint written under another fingerprint is
+        refused instead of resumed (e.g. a hash of the run config).
+    global_rng : bool (default: False)
+        Also save the process-global random number generators (Python's ``random``, NumPy's and
+        torch's) and restore them on resume. Flower samples clients with ``random``, so a resumed
+        run selects the clients an uninterrupted one would only with this on; it changes the
+        global RNG state of the process that resumes.
+    """
+
+    path: str | Path
+    fingerprint: str = ""
+    global_rng: bool = False

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 
 __all__ = ["OptimizerConfig", "Variant", "load_optimizer_state", "save_optimizer_state"]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""A torch optimizer class, or any callable ``(params, **kwargs) -> Optimizer``."""
 
 
 class Variant:
@@ -30,76 +32,58 @@ class Variant:
         return normalised
 
 
-@dataclass(frozen=True)
 class OptimizerConfig:
-    """How to build the optimizer of one half.
+    """How to build the optimizer of one half: any torch optimizer, with its keyword arguments.
+
+    ``OptimizerConfig(torch.optim.AdamW, lr=1e-3, weight_decay=0.01)`` builds
+    ``torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)`` for each half that needs one. The
+    arguments are checked at once by building the optimizer over a throwaway parameter, so a
+    mistake is reported where the config is written, not on the first batch of a round.
 
     Parameters
     ----------
-    name : str (default: "sgd")
-        ``"sgd"`` or ``"adam"``.
-    lr : float (default: 0.05)
-        Learning rate.
-    momentum : float (default: 0.0)
-        SGD momentum; ignored by Adam.
-    weight_decay : float (default: 0.0)
-        L2 penalty.
+    optimizer : type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] \
+(default: torch.optim.SGD)
+        The optimizer class, or a factory called as ``optimizer(params, **kwargs)``.
+    **kwargs
+        Its keyword arguments (default: ``lr=0.05`` for the default SGD).
     """
 
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-
-    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("sgd", "adam")
-
-    def __post_init__(self) -> None:
-        if self.name not in self.OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {', '.join(self.OPTIMIZERS)}; got {self.name!r}"
+    def __init__(self, optimizer: OptimizerFactory = torch.optim.SGD, /, **kwargs: Any) -> None:
+        if not callable(optimizer):
+            raise TypeError(
+                f"optimizer must be a torch optimizer class or a factory, got {optimizer!r}; "
+                "e.g. OptimizerConfig(torch.optim.SGD, lr=0.05)"
             )
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive; got lr={self.lr}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(
-                f"momentum and weight decay must be >= 0; got {self.momentum}, {self.weight_decay}"
-            )
+        if optimizer is torch.optim.SGD and not kwargs:
+            kwargs = {"lr": 0.05}
+        self.optimizer = optimizer
+        self.kwargs: dict[str, Any] = dict(kwargs)
+        try:
+            self.build([torch.nn.Parameter(torch.zeros(1))])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{self!r} cannot be built: {err}") from err
 
-    @classmethod
-    def from_run_config(
-        cls, run_config: Mapping[str, Any], *, prefix: str, default: OptimizerConfig | None = None
-    ) -> OptimizerConfig:
-        """Read ``<prefix>optimizer``, ``<prefix>lr``, ``<prefix>momentum``, ... from a run config.
-
-        Keys that are absent keep their values in ``default`` (``OptimizerConfig()`` if None).
-        ``prefix`` is ``"client-"`` or ``"server-"``.
-        """
-        keys = {"name": f"{prefix}optimizer"} | {
-            f.name: f"{prefix}{f.name.replace('_', '-')}" for f in fields(cls) if f.name != "name"
-        }
-        values: dict[str, Any] = {}
-        for attribute, key in keys.items():
-            if key not in run_config:
-                continue
-            value = run_config[key]
-            if attribute == "name":
-                values[attribute] = str(value).lower()
-                continue
-            try:
-                values[attribute] = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"run-config key {key!r} should be a number, got {value!r}"
-                ) from None
-        return replace(default or cls(), **values)
+    @property
+    def name(self) -> str:
+        """The optimizer's name, e.g. ``"SGD"``."""
+        return getattr(self.optimizer, "__name__", type(self.optimizer).__name__)
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """Return a new optimizer over ``params``."""
-        if self.name == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(
-            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        return self.optimizer(params, **self.kwargs)
+
+    def __repr__(self) -> str:
+        arguments = "".join(f", {key}={value!r}" for key, value in sorted(self.kwargs.items()))
+        return f"OptimizerConfig({self.name}{arguments})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OptimizerConfig):
+            return NotImplemented
+        return self.optimizer is other.optimizer and self.kwargs == other.kwargs
+
+    def __hash__(self) -> int:
+        return hash((self.optimizer, tuple(sorted(self.kwargs.items()))))
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer) -> bytes:

@@ -1,10 +1,23 @@
-"""Cutting a model into a client half and a server half, checked on a sample batch."""
+"""Cutting a model into the parts SplitFed trains, checked on a sample batch.
+
+A :class:`SplitModel` is one abstraction for both kinds of split: the plain split (a client half
+and a server half) and the label-private, U-shaped split (a client half, a server half and a
+client head that keeps the labels and the loss on the client). Whatever the kind, it answers the
+same questions: what the client trains (:meth:`SplitModel.client_parameters`), its state
+(:meth:`SplitModel.client_state_dict`, :meth:`SplitModel.load_client_state_dict`), what travels on
+the data plane (:attr:`SplitModel.activation_shape`, :attr:`SplitModel.output_shape`) and the
+unsplit model (:meth:`SplitModel.full_model`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,157 +25,344 @@ from torch import nn
 from .wire import WireFormatError, wire_dtype_name
 
 __all__ = [
-    "CLIENT_HEAD_PREFIX",
     "CutError",
-    "LabelPrivateSplit",
+    "ModelInput",
     "SplitModel",
-    "client_state_dict",
     "join_halves",
-    "load_client_state_dict",
-    "split_label_private",
     "split_model",
 ]
 
+ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
+"""What a model's ``forward`` takes: one tensor, a tuple of positional arguments, or a dict of
+keyword arguments."""
+
 
 class CutError(ValueError):
-    """A model cannot be cut where asked, or two halves do not connect."""
+    """A model cannot be cut where asked, or its parts do not connect."""
 
 
 @dataclass(frozen=True)
 class SplitModel:
-    """A model cut in two at the cut layer.
+    """A model cut for SplitFed: a client half, a server half, and optionally a client head.
 
-    Build it with :func:`split_model` or :func:`join_halves`, which check that the halves connect.
+    Build it with :func:`split_model` (cut a model by a module's name) or :func:`join_halves`
+    (parts written by hand); both check that the parts connect on a sample batch.
 
     Attributes
     ----------
     client_half : nn.Module
         The lower layers, run by each client on its own data.
     server_half : nn.Module
-        The upper layers, run by the split server on the client half's output.
+        The layers the split server runs on the client half's output.
     activation_shape : tuple[int, ...]
-        Shape of one example's cut-layer activations (the smashed data), without the batch
-        dimension. The split server refuses batches of any other shape.
+        One example's cut-layer activations (the smashed data) without the batch dimension: what
+        a client sends. The split server refuses any other shape.
     activation_dtype : torch.dtype
         Dtype of the cut-layer activations.
+    client_head : nn.Module | None (default: None)
+        The label-private (U-shaped) split: the top layers, run on the client on the server
+        half's output, where the loss is computed, so that labels never leave the client.
+    output_shape, output_dtype : tuple[int, ...] | None, torch.dtype | None (default: None)
+        The label-private split: one example of the server half's output (what the split server
+        sends back).
+    model : nn.Module | None (default: None)
+        The whole model the parts were cut from, sharing their parameters (:func:`split_model`);
+        ``None`` for parts joined by hand.
     """
 
     client_half: nn.Module
     server_half: nn.Module
     activation_shape: tuple[int, ...]
     activation_dtype: torch.dtype
+    client_head: nn.Module | None = None
+    output_shape: tuple[int, ...] | None = None
+    output_dtype: torch.dtype | None = None
+    model: nn.Module | None = None
 
-    def full_model(self) -> nn.Sequential:
-        """Return the unsplit model: the client half followed by the server half.
+    @property
+    def label_private(self) -> bool:
+        """Whether labels and the loss stay on the client (a client head exists)."""
+        return self.client_head is not None
 
-        The returned module shares parameters with the halves.
+    def client_modules(self) -> list[nn.Module]:
+        """What each client trains: the client half, then the client head if there is one."""
+        return [self.client_half] + ([self.client_head] if self.client_head is not None else [])
+
+    def client_parameters(self) -> list[nn.Parameter]:
+        """The parameters a client's optimizer updates."""
+        return [p for module in self.client_modules() for p in module.parameters()]
+
+    def client_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a client sends to be merged: the client half's state and the client head's.
+
+        The keys are the modules' own (for a model cut by :func:`split_model`, the original
+        model's), so FedAvg merges every part like any other arrays.
         """
-        return nn.Sequential(self.client_half, self.server_half)
+        state: dict[str, torch.Tensor] = {}
+        for module in self.client_modules():
+            state.update(module.state_dict())
+        return state
+
+    def load_client_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`client_state_dict` made (or the merged arrays of every client)."""
+        expected = set(self.client_state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise CutError(
+                f"the state does not fit this split's client side: missing keys {missing}, "
+                f"unexpected keys {unexpected}. Clients and the server must cut the same model "
+                "at the same place"
+            )
+        for module in self.client_modules():
+            own = module.state_dict()
+            module.load_state_dict({key: state[key] for key in own})
+
+    def client_copy(self) -> SplitModel:
+        """A copy with its own client parts (the server half is shared, not copied): one per
+        client when several clients are simulated in one process."""
+        copies = copy.deepcopy([self.client_half, self.client_head])
+        return dataclasses.replace(self, client_half=copies[0], client_head=copies[1], model=None)
+
+    def full_model(self) -> nn.Module:
+        """The unsplit model, sharing the parts' parameters.
+
+        For a model cut by :func:`split_model`, the model itself (its own ``state_dict()``
+        keys); for parts joined by hand, the parts run one after another.
+        """
+        if self.model is not None:
+            return self.model
+        return JoinedModel([self.client_half, self.server_half, *self.client_modules()[1:]])
 
 
-def split_model(model: nn.Sequential, *, cut: int | str, sample_input: torch.Tensor) -> SplitModel:
-    """Cut ``model`` into a client half and a server half.
+class JoinedModel(nn.Module):
+    """Parts written by hand, run one after another as the unsplit model."""
+
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        for name, part in zip(("client_half", "server_half", "client_head"), parts, strict=False):
+            self.add_module(name, part)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        first, *rest = self.children()
+        outputs = first(*args, **kwargs)
+        for part in rest:
+            outputs = part(outputs)
+        return outputs
+
+
+def split_model(
+    model: nn.Module,
+    *,
+    cut: int | str,
+    sample_input: ModelInput,
+    server_cut: int | str | None = None,
+) -> SplitModel:
+    """Cut ``model`` where a module's output is the only tensor that crosses.
 
     Parameters
     ----------
-    model : nn.Sequential
-        The unsplit model. It is copied: the halves do not share parameters with it.
+    model : nn.Module
+        The unsplit model. It is copied: the parts do not share parameters with it.
     cut : int | str
-        Where to cut. An ``int`` k puts the first k children on the client; a ``str`` names the
-        last child that stays on the client (``cut="pool"`` cuts right after the child ``pool``).
-        A string of digits (as run configs pass it) is read as the int it spells.
-    sample_input : torch.Tensor
-        A batch of inputs (batch dimension first), used to check that the halves connect and to
-        record the shape of the cut-layer activations.
+        Where the client half ends: the name of a module (as in ``model.named_modules()``, e.g.
+        ``"layer1"``); everything ``forward()`` computes up to and including that module's call
+        runs on the client. For an ``nn.Sequential`` an ``int`` k puts its first k children on the
+        client; a string of digits (as run configs pass it) is read as that int.
+    sample_input : Tensor | tuple | dict
+        A batch of inputs (batch dimension first), as ``model`` takes them: used to check that
+        the parts connect and to record what crosses each cut.
+    server_cut : int | str | None (default: None)
+        The label-private (U-shaped) split: where the server half ends, named the same way. The
+        layers after it form the client head, which computes the loss on the client.
 
     Raises
     ------
     CutError
-        If ``model`` is not an ``nn.Sequential``, the cut lies outside it, or the halves do not
-        connect on ``sample_input``. The message says what to change.
+        If a cut names no module, lies outside the model, the cuts are out of order, or the parts
+        do not connect on ``sample_input``. The message says what to change.
     """
     if not isinstance(model, nn.Sequential):
         raise CutError(
-            f"cannot cut a {type(model).__name__}: only nn.Sequential has an order of layers to "
-            "cut. Wrap the layers in nn.Sequential, or build the two halves yourself and pass "
-            "them to join_halves(client_half=..., server_half=..., sample_input=...)"
+            f"cannot cut a {type(model).__name__}: only nn.Sequential models can be cut here. "
+            "Write the parts as modules of your own and pair them with join_halves("
+            "client_half=..., server_half=..., sample_input=...)"
         )
     names = [name for name, _ in model.named_children()]
-    index = _cut_index(names, cut)
+    cuts = [_cut_index(names, cut)]
+    if server_cut is not None:
+        cuts.append(_cut_index(names, server_cut))
+        if cuts[1] <= cuts[0]:
+            layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
+            raise CutError(
+                f"server_cut={server_cut!r} must come after cut={cut!r}, so that the server half "
+                f"keeps at least one layer. Children: [{layers}]"
+            )
+    model = copy.deepcopy(model)
     # Keep the children's names, so state-dict keys read like the original model's.
-    children = list(copy.deepcopy(model).named_children())
-    client_half = nn.Sequential(OrderedDict(children[:index]))
-    server_half = nn.Sequential(OrderedDict(children[index:]))
-    return join_halves(client_half=client_half, server_half=server_half, sample_input=sample_input)
+    children = list(model.named_children())
+    bounds = [0, *cuts, len(children)]
+    parts = [
+        nn.Sequential(OrderedDict(children[start:end]))
+        for start, end in zip(bounds, bounds[1:], strict=False)
+    ]
+    return _connect(parts, sample_input, model=model)
 
 
 def join_halves(
-    *, client_half: nn.Module, server_half: nn.Module, sample_input: torch.Tensor
+    *,
+    client_half: nn.Module,
+    server_half: nn.Module,
+    sample_input: ModelInput,
+    client_head: nn.Module | None = None,
 ) -> SplitModel:
-    """Check that ``server_half`` accepts what ``client_half`` outputs, and pair them.
+    """Check that parts written by hand connect, and pair them into a :class:`SplitModel`.
 
-    Use this for models that are not an ``nn.Sequential``: write the two halves as modules of
-    their own. The check runs one forward pass of ``sample_input`` in eval mode, without gradients,
-    so BatchNorm statistics are not touched.
+    Use it for models :func:`split_model` cannot cut: write the client half, the server half
+    and, for the label-private split, the client head as modules of your own. The check runs one
+    forward pass of ``sample_input`` in eval mode, without gradients, so BatchNorm statistics
+    are not touched.
 
     Raises
     ------
     CutError
-        If the client half fails on ``sample_input``, does not return a single tensor with a batch
-        dimension, or the server half fails on its output.
+        If a part fails on what the part before returns, a part between two others does not
+        return a single tensor with the batch dimension first, or two parts' state keys collide.
     """
-    if not isinstance(sample_input, torch.Tensor) or sample_input.dim() < 1:
-        raise CutError(
-            "sample_input must be a tensor with a batch dimension first, e.g. "
-            "next(iter(train_loader))[0]"
-        )
-    modes = (client_half.training, server_half.training)
-    client_half.eval()
-    server_half.eval()
-    try:
-        with torch.no_grad():
+    parts = [client_half, server_half] + ([client_head] if client_head is not None else [])
+    return _connect(parts, sample_input, model=None)
+
+
+def _connect(
+    parts: Sequence[nn.Module], sample_input: ModelInput, *, model: nn.Module | None
+) -> SplitModel:
+    """Run ``sample_input`` through ``parts`` (eval mode, no gradients) and record what crosses."""
+    client_half, server_half, *head = parts
+    client_head = head[0] if head else None
+    batch = _batch_size(sample_input)
+    with _eval_mode(parts), torch.no_grad():
+        try:
+            activations = _call(client_half, sample_input)
+        except Exception as err:
+            raise CutError(
+                f"the client half fails on sample_input of {_describe(sample_input)}: {err}. "
+                "Check that sample_input is a batch of the model's inputs"
+            ) from err
+        _check_crossing(activations, batch, "the client half")
+        try:
+            outputs = server_half(activations)
+        except Exception as err:
+            raise CutError(
+                f"the parts do not connect: the client half outputs shape "
+                f"{tuple(activations.shape)}, and the server half fails on it: {err}. Move the "
+                "cut, or make the server half's first layer accept that shape"
+            ) from err
+        if client_head is not None:
+            _check_crossing(outputs, batch, "the server half")
             try:
-                activations = client_half(sample_input)
+                client_head(outputs)
             except Exception as err:
                 raise CutError(
-                    f"the client half fails on sample_input of shape {tuple(sample_input.shape)}: "
-                    f"{err}. Check that sample_input is a batch of the model's inputs"
+                    f"the parts do not connect: the server half outputs shape "
+                    f"{tuple(outputs.shape)}, and the client head fails on it: {err}. Move "
+                    "server_cut, or make the client head's first layer accept that shape"
                 ) from err
-            if not isinstance(activations, torch.Tensor):
-                raise CutError(
-                    f"the client half returns a {type(activations).__name__}, but the data plane "
-                    "carries one tensor per batch; cut where the model passes a single tensor"
-                )
-            if activations.dim() < 1 or activations.shape[0] != sample_input.shape[0]:
-                raise CutError(
-                    f"the client half maps a batch of {sample_input.shape[0]} to shape "
-                    f"{tuple(activations.shape)}; the cut must keep the batch dimension first"
-                )
-            try:
-                wire_dtype_name(activations.dtype)
-            except WireFormatError as err:
-                raise CutError(str(err)) from err
-            try:
-                server_half(activations)
-            except Exception as err:
-                raise CutError(
-                    f"the halves do not connect: the client half outputs shape "
-                    f"{tuple(activations.shape)}, and the server half fails on it: {err}. "
-                    "Move the cut, or change the server half's first layer to accept that shape"
-                ) from err
-    finally:
-        client_half.train(modes[0])
-        server_half.train(modes[1])
-    return SplitModel(
+    split = SplitModel(
         client_half=client_half,
         server_half=server_half,
         activation_shape=tuple(activations.shape[1:]),
         activation_dtype=activations.dtype,
+        client_head=client_head,
+        output_shape=tuple(outputs.shape[1:]) if client_head is not None else None,
+        output_dtype=outputs.dtype if client_head is not None else None,
+        model=model,
     )
+    _check_disjoint_client_keys(split)
+    return split
+
+
+def _check_crossing(tensor: object, batch: int, producer: str) -> None:
+    """A tensor that crosses the data plane: one tensor, batch first, a dtype frames carry."""
+    if not isinstance(tensor, torch.Tensor):
+        raise CutError(
+            f"{producer} returns a {type(tensor).__name__}, but the data plane carries one "
+            "tensor per batch; cut where the model passes a single tensor"
+        )
+    if tensor.dim() < 1 or tensor.shape[0] != batch:
+        raise CutError(
+            f"{producer} maps a batch of {batch} to shape {tuple(tensor.shape)}; the cut must "
+            "keep the batch dimension first"
+        )
+    try:
+        wire_dtype_name(tensor.dtype)
+    except WireFormatError as err:
+        raise CutError(str(err)) from err
+
+
+def _check_disjoint_client_keys(split: SplitModel) -> None:
+    if split.client_head is None:
+        return
+    shared = set(split.client_half.state_dict()) & set(split.client_head.state_dict())
+    if shared:
+        raise CutError(
+            f"the client half and the client head both have the state keys {sorted(shared)}; "
+            "a client sends both in one ArrayRecord, so give their modules different names"
+        )
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put ``modules`` in eval mode for a probe, then restore each one's own mode."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def _call(module: nn.Module, inputs: ModelInput) -> Any:
+    """``module`` on inputs given as a tensor, a tuple of arguments or a dict of keywords."""
+    if isinstance(inputs, Mapping):
+        return module(**inputs)
+    if isinstance(inputs, tuple):
+        return module(*inputs)
+    return module(inputs)
+
+
+def _first_tensor(inputs: ModelInput) -> torch.Tensor | None:
+    values = (
+        inputs.values()
+        if isinstance(inputs, Mapping)
+        else (inputs if isinstance(inputs, tuple) else (inputs,))
+    )
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
+
+
+def _batch_size(inputs: ModelInput) -> int:
+    first = _first_tensor(inputs)
+    if first is None or first.dim() < 1:
+        raise CutError(
+            "sample_input must be a batch of the model's inputs with the batch dimension first "
+            "(a tensor, a tuple of arguments or a dict of keyword arguments), e.g. "
+            "next(iter(train_loader))[0]"
+        )
+    return int(first.shape[0])
+
+
+def _describe(inputs: ModelInput) -> str:
+    if isinstance(inputs, torch.Tensor):
+        return f"shape {tuple(inputs.shape)}"
+    if isinstance(inputs, Mapping):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in inputs.items())
+    if isinstance(inputs, tuple):
+        return ", ".join(_describe(v) for v in inputs)
+    return type(inputs).__name__
 
 
 def _cut_index(names: list[str], cut: int | str) -> int:
-    """Return how many children go to the client for ``cut``."""
+    """How many children of a Sequential go before ``cut``."""
     layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
     if isinstance(cut, bool) or not isinstance(cut, int | str):
         raise CutError(f"cut must be an int or a child's name, got {type(cut).__name__}")
@@ -176,144 +376,7 @@ def _cut_index(names: list[str], cut: int | str) -> int:
     if not 1 <= cut <= len(names) - 1:
         raise CutError(
             f"cut={cut} is outside the model: with {len(names)} children, cut must be between 1 "
-            f"and {len(names) - 1} so that each half keeps at least one layer. "
+            f"and {len(names) - 1} so that each part keeps at least one layer. "
             f"Children: [{layers}]"
         )
     return cut
-
-
-CLIENT_HEAD_PREFIX = "client-head."
-"""Prefix of the client head's keys in the client's ``ArrayRecord`` (label-private split)."""
-
-
-@dataclass(frozen=True)
-class LabelPrivateSplit:
-    """A model cut in three for the label-private (U-shaped) split: labels never leave the client.
-
-    The client runs the lower layers (the client half) and the top layers with the loss (the
-    client head); the split server runs the layers in between (the server half). Per batch, the
-    client sends the cut-layer activations, the server answers with its output, the client sends
-    back the gradient of its loss at that output, and the server answers with the gradient at
-    the cut. Build it with :func:`split_label_private`.
-
-    Attributes
-    ----------
-    client_half : nn.Module
-        The lower layers, on the client.
-    server_half : nn.Module
-        The middle layers, on the split server.
-    client_head : nn.Module
-        The top layers, on the client; the loss is computed on its output.
-    activation_shape, activation_dtype
-        One example's cut-layer activations (what the client sends), as in :class:`SplitModel`.
-    output_shape, output_dtype
-        One example's server-half output (what the server sends back).
-    """
-
-    client_half: nn.Module
-    server_half: nn.Module
-    client_head: nn.Module
-    activation_shape: tuple[int, ...]
-    activation_dtype: torch.dtype
-    output_shape: tuple[int, ...]
-    output_dtype: torch.dtype
-
-    def full_model(self) -> nn.Sequential:
-        """The unsplit model (client half, server half, client head), sharing their parameters."""
-        return nn.Sequential(self.client_half, self.server_half, self.client_head)
-
-    def client_state_dict(self) -> dict[str, torch.Tensor]:
-        """What the client sends to be merged: the client half and the client head, in one dict.
-
-        The head's keys carry :data:`CLIENT_HEAD_PREFIX`, so FedAvg merges both parts like any
-        other arrays.
-        """
-        return client_state_dict(self.client_half, self.client_head)
-
-
-def client_state_dict(client_half: nn.Module, client_head: nn.Module) -> dict[str, torch.Tensor]:
-    """The client half's state and the client head's (keys prefixed), as one dict."""
-    state = dict(client_half.state_dict())
-    for key, value in client_head.state_dict().items():
-        state[CLIENT_HEAD_PREFIX + key] = value
-    return state
-
-
-def load_client_state_dict(
-    client_half: nn.Module, client_head: nn.Module, state: dict[str, torch.Tensor]
-) -> None:
-    """Load a dict made by :func:`client_state_dict` into the two modules."""
-    head = {
-        k.removeprefix(CLIENT_HEAD_PREFIX): v
-        for k, v in state.items()
-        if k.startswith(CLIENT_HEAD_PREFIX)
-    }
-    half = {k: v for k, v in state.items() if not k.startswith(CLIENT_HEAD_PREFIX)}
-    client_half.load_state_dict(half)
-    client_head.load_state_dict(head)
-
-
-def split_label_private(
-    model: nn.Sequential, *, cut: int | str, server_cut: int | str, sample_input: torch.Tensor
-) -> LabelPrivateSplit:
-    """Cut ``model`` in three: client half, server half, client head.
-
-    Parameters
-    ----------
-    model : nn.Sequential
-        The unsplit model; it is copied.
-    cut : int | str
-        The end of the client half, as in :func:`split_model`: an ``int`` k puts the first k
-        children on the client, a name is the last child of the client half.
-    server_cut : int | str
-        The end of the server half, the same way: an ``int`` k means the first k children are
-        the client half and the server half together; a name is the last child on the server.
-        The children after it form the client head, which must keep at least one layer.
-    sample_input : torch.Tensor
-        A batch of inputs, used to check that the three parts connect and to record shapes.
-
-    Raises
-    ------
-    CutError
-        If the cuts lie outside the model, are out of order, or the parts do not connect.
-    """
-    if not isinstance(model, nn.Sequential):
-        raise CutError(
-            f"cannot cut a {type(model).__name__}: only nn.Sequential has an order of layers to "
-            "cut. Wrap the layers in nn.Sequential"
-        )
-    names = [name for name, _ in model.named_children()]
-    first = _cut_index(names, cut)
-    second = _cut_index(names, server_cut)
-    if second <= first:
-        layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
-        raise CutError(
-            f"server_cut={server_cut!r} must come after cut={cut!r}, so that the server half keeps "
-            f"at least one layer. Children: [{layers}]"
-        )
-    children = list(copy.deepcopy(model).named_children())
-    client_half = nn.Sequential(OrderedDict(children[:first]))
-    server_half = nn.Sequential(OrderedDict(children[first:second]))
-    client_head = nn.Sequential(OrderedDict(children[second:]))
-    lower = join_halves(client_half=client_half, server_half=server_half, sample_input=sample_input)
-    modes = (client_half.training, server_half.training)
-    client_half.eval()
-    server_half.eval()
-    try:
-        with torch.no_grad():
-            middle_input = client_half(sample_input)
-        upper = join_halves(
-            client_half=server_half, server_half=client_head, sample_input=middle_input
-        )
-    finally:
-        client_half.train(modes[0])
-        server_half.train(modes[1])
-    return LabelPrivateSplit(
-        client_half=client_half,
-        server_half=server_half,
-        client_head=client_head,
-        activation_shape=lower.activation_shape,
-        activation_dtype=lower.activation_dtype,
-        output_shape=upper.activation_shape,
-        output_dtype=upper.activation_dtype,
-    )

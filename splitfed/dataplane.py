@@ -1,8 +1,9 @@
 """The client's end of the data plane.
 
 The training loop talks to the split server through :class:`DataPlane`: send one batch's
-activations and labels, get the gradient at the cut back. :class:`GrpcDataPlane` is the gRPC
-transport; another transport only has to implement :meth:`DataPlane.exchange`.
+activations and labels, get the gradient at the cut back (and, in the label-private split, the
+two exchanges of a batch; in evaluation, the loss of a batch). :class:`GrpcDataPlane` is the gRPC
+transport; another transport implements the same methods.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from typing import Protocol
 import grpc
 import torch
 
-from .server import (
+from .protocol import (
     GRPC_OPTIONS,
+    METADATA_MODE,
     METADATA_NODE,
     METADATA_ROUND,
     METADATA_TOKEN,
-    TRAIN_METHOD,
+    STREAM_METHOD,
+    DataPlaneTicket,
+    Mode,
 )
 from .wire import (
     Frame,
@@ -34,7 +38,6 @@ __all__ = [
     "DataPlane",
     "Exchange",
     "GrpcDataPlane",
-    "LabelPrivateDataPlane",
     "SplitServerError",
 ]
 
@@ -53,26 +56,24 @@ class Exchange:
 
 
 class DataPlane(Protocol):
-    """What the client training loop needs from a transport."""
+    """What the client's training and evaluation loops need from a transport."""
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
         """Send one batch; return the gradient at the cut for it."""
         ...
 
-    def close(self) -> None:
-        """End the stream."""
-        ...
-
-
-class LabelPrivateDataPlane(Protocol):
-    """What the label-private (U-shaped) training loop needs: two exchanges per batch."""
-
     def forward_server_half(self, step: int, activations: torch.Tensor) -> torch.Tensor:
-        """Send one batch's activations (no labels); return the server half's output."""
+        """Label-private split: send one batch's activations (no labels); return the server
+        half's output."""
         ...
 
     def backward_server_half(self, step: int, output_gradient: torch.Tensor) -> torch.Tensor:
-        """Send the gradient at the server half's output; return the gradient at the cut."""
+        """Label-private split: send the gradient at the server half's output; return the
+        gradient at the cut."""
+        ...
+
+    def evaluate(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
+        """Evaluation: send one batch; return its loss and correct count (no gradient)."""
         ...
 
     def close(self) -> None:
@@ -92,7 +93,9 @@ class GrpcDataPlane:
     server_round : int
         The round the credential is valid for.
     token : str
-        The per-round credential from Flower's ``train`` message.
+        The per-round credential from Flower's message.
+    mode : str (default: "train")
+        What the stream is for: ``"train"`` or ``"evaluate"`` (the credential names it too).
     root_certificates : bytes | None (default: None)
         PEM CA certificate(s) to verify the split server's TLS certificate with; ``None``
         connects in plaintext (a split server started with ``insecure=True``).
@@ -111,10 +114,13 @@ class GrpcDataPlane:
         node_id: int,
         server_round: int,
         token: str,
+        mode: str = Mode.TRAIN,
         root_certificates: bytes | None = None,
         connect_timeout: float = 30.0,
         compression: str = "none",
     ) -> None:
+        if mode not in Mode.ALL:
+            raise ValueError(f"mode must be one of {', '.join(Mode.ALL)}; got {mode!r}")
         try:
             self.compression = validate_compression(compression)
         except WireFormatError as err:
@@ -139,14 +145,28 @@ class GrpcDataPlane:
                 "CA in split-server-ca-certfile"
             ) from None
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        call = self._channel.stream_stream(TRAIN_METHOD)
+        call = self._channel.stream_stream(STREAM_METHOD)
         self._replies = call(
             iter(self._outbox.get, None),
             metadata=(
                 (METADATA_NODE, str(node_id)),
                 (METADATA_ROUND, str(server_round)),
+                (METADATA_MODE, mode),
                 (METADATA_TOKEN, token),
             ),
+        )
+
+    @classmethod
+    def from_ticket(cls, ticket: DataPlaneTicket, *, node_id: int) -> GrpcDataPlane:
+        """Dial the split server a SplitFed message's ticket names."""
+        return cls(
+            address=ticket.address,
+            node_id=node_id,
+            server_round=ticket.server_round,
+            token=ticket.token,
+            mode=ticket.mode,
+            root_certificates=ticket.root_certificates.encode() or None,
+            compression=ticket.compression,
         )
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
@@ -192,7 +212,20 @@ class GrpcDataPlane:
         )
         return reply.tensors["gradient"]
 
-    def _round_trip(self, request: Frame, *, expect: str, tensor: str) -> Frame:
+    def evaluate(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
+        """Evaluation: send one batch; return its loss and correct count (no gradient)."""
+        reply = self._round_trip(
+            Frame(FrameKind.EVALUATE, step, tensors={"activations": activations, "labels": labels}),
+            expect=FrameKind.EVALUATION,
+            tensor=None,
+        )
+        return Exchange(
+            cut_gradient=torch.empty(0),
+            loss=float(reply.scalars.get("loss", float("nan"))),
+            correct=int(reply.scalars.get("correct", 0)),
+        )
+
+    def _round_trip(self, request: Frame, *, expect: str, tensor: str | None) -> Frame:
         """Send ``request``; return the reply, which must be an ``expect`` frame for the same
         step carrying ``tensor``."""
         data = encode_frame(request, compression=self.compression)
@@ -219,7 +252,7 @@ class GrpcDataPlane:
             raise SplitServerError(
                 f"the split server refused step {step}: {reply.scalars.get('error', '?')}"
             )
-        if reply.kind != expect or reply.step != step or tensor not in reply.tensors:
+        if reply.kind != expect or reply.step != step or (tensor and tensor not in reply.tensors):
             raise SplitServerError(
                 f"expected a {expect!r} frame for step {step}, got a {reply.kind!r} frame for "
                 f"step {reply.step}"
@@ -234,5 +267,5 @@ class GrpcDataPlane:
     def __enter__(self) -> GrpcDataPlane:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

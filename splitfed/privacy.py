@@ -24,12 +24,17 @@ applied on the client, before anything leaves it:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+
+from .cut import SplitModel
 
 __all__ = [
     "PrivacyConfig",
@@ -131,20 +136,20 @@ class PrivacyConfig:
             problems.append(f"delta={self.delta} must be in (0, 1), e.g. 1e-5")
         if self.smashed_noise_multiplier > 0 and self.smashed_clip_norm <= 0:
             problems.append(
-                "smashed-noise-multiplier without smashed-clip-norm protects nothing: the client "
+                "smashed_noise_multiplier without smashed_clip_norm protects nothing: the client "
                 "half learns to scale its activations up until the noise does not matter. Set "
-                "smashed-clip-norm (e.g. 1.0) as well"
+                "smashed_clip_norm (e.g. 1.0) as well"
             )
         if self.label_noise_multiplier > 0 and not label_private:
             problems.append(
-                "label-noise-multiplier protects labels in the label-private split only (in the "
-                "plain split the labels themselves go to the server); set label-private=true or "
-                "label-noise-multiplier=0"
+                "label_noise_multiplier protects labels in the label-private split only (in the "
+                "plain split the labels themselves go to the server); cut the model with a "
+                "server_cut (split_model(..., server_cut=...)) or set label_noise_multiplier=0"
             )
         if self.dp_sgd:
             if self.dp_noise_multiplier <= 0 or self.dp_max_grad_norm <= 0:
                 problems.append(
-                    "DP-SGD needs both dp-noise-multiplier > 0 and dp-max-grad-norm > 0: "
+                    "DP-SGD needs both dp_noise_multiplier > 0 and dp_max_grad_norm > 0: "
                     "clipping without noise, or noise without a bound, gives no guarantee"
                 )
             if self.grad_sample_mode not in SAFE_GRAD_SAMPLE_MODES:
@@ -164,13 +169,13 @@ class PrivacyConfig:
             if self.nopeek_weight > 0:
                 problems.append(
                     "NoPeek couples the examples of a batch, so per-example gradients (and "
-                    "DP-SGD's guarantee) do not exist; turn off one of nopeek-weight and DP-SGD"
+                    "DP-SGD's guarantee) do not exist; turn off one of nopeek_weight and DP-SGD"
                 )
             if label_private:
                 problems.append(
                     "DP-SGD covers the client half only, but in the label-private split the "
-                    "client head reaches the aggregator too; turn off one of DP-SGD and "
-                    "label-private"
+                    "client head reaches the aggregator too; turn off DP-SGD or cut the model "
+                    "without a server_cut"
                 )
             if client_half is not None:
                 problems.extend(_opacus_problems(client_half))
@@ -183,8 +188,8 @@ class PrivacyConfig:
     def _warn(self) -> None:
         if self.smashed_clip_norm > 0 and self.smashed_noise_multiplier == 0:
             logger.warning(
-                "PRIVACY: smashed-clip-norm without noise bounds the activations but gives no "
-                "privacy guarantee; set smashed-noise-multiplier"
+                "PRIVACY: smashed_clip_norm without noise bounds the activations but gives no "
+                "privacy guarantee; set smashed_noise_multiplier"
             )
         if self.smashed_noise_multiplier > 0:
             logger.warning(
@@ -199,8 +204,9 @@ class PrivacyConfig:
             )
         if self.label_noise_multiplier > 0:
             logger.warning(
-                "PRIVACY: label-noise-multiplier is a heuristic defense of labels with no formal "
-                "guarantee; check it with `python -m simulation.audit`"
+                "PRIVACY: label_noise_multiplier is a heuristic defense of labels with no formal "
+                "guarantee; measure what the split server can infer before relying on it "
+                "(norm and cosine attacks on the output gradients, docs/privacy.md)"
             )
 
     # -- the transforms the client applies -----------------------------------------------------
@@ -249,6 +255,42 @@ class PrivacyConfig:
             )
         return out
 
+    @contextlib.contextmanager
+    def training(
+        self, split: SplitModel, optimizer: torch.optim.Optimizer, *, batch_size: int | None
+    ) -> Iterator[tuple[SplitModel, torch.optim.Optimizer]]:
+        """Train ``split``'s client parts with DP-SGD inside the block, when it is configured.
+
+        Yields the split and the optimizer to train with: with DP-SGD, a split whose client half
+        computes per-example gradients (Opacus, sharing the client half's parameters) and an
+        optimizer that clips and noises them; without it, ``split`` and ``optimizer`` as they
+        are. Leaving the block removes Opacus' hooks from the client half.
+
+        Parameters
+        ----------
+        batch_size : int | None
+            The expected batch size, which DP-SGD divides the noised sum by; needed with DP-SGD.
+        """
+        if not self.dp_sgd:
+            yield split, optimizer
+            return
+        if not batch_size:
+            raise ValueError(
+                "DP-SGD needs the expected batch size: pass a torch DataLoader with a batch_size"
+            )
+        module, private_optimizer = make_client_half_private(
+            client_half=split.client_half,
+            optimizer=optimizer,
+            noise_multiplier=self.dp_noise_multiplier,
+            max_grad_norm=self.dp_max_grad_norm,
+            expected_batch_size=batch_size,
+            grad_sample_mode=self.grad_sample_mode,
+        )
+        try:
+            yield dataclasses.replace(split, client_half=module), private_optimizer
+        finally:
+            module.remove_hooks()  # type: ignore[operator]
+
 
 def _opacus_problems(module: nn.Module) -> list[str]:
     from opacus.validators import ModuleValidator
@@ -256,7 +298,7 @@ def _opacus_problems(module: nn.Module) -> list[str]:
     errors = ModuleValidator.validate(module, strict=False)
     return [
         f"DP-SGD cannot use the client half as it is: {err}. BatchNorm mixes the examples of a "
-        "batch; build the model without it (run-config batch-norm=false) or replace it with "
+        "batch; build the model without it or replace it with "
         "GroupNorm (opacus.validators.ModuleValidator.fix)"
         for err in errors
     ]

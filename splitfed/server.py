@@ -3,57 +3,51 @@
 Each selected client opens one bidirectional stream per round and sends FORWARD frames
 (step, activations, labels); for each it gets back a BACKWARD frame (the gradient at the cut, the
 loss) or an ERROR frame that says why the batch was refused. A bad batch is answered on its own
-stream only; every other client keeps being served.
+stream only; every other client keeps being served. In an evaluation round, EVALUATE frames are
+answered with the batch's loss (EVALUATION) and nothing is trained.
 
-Streams authenticate with a token derived from a per-run secret, the round and the node id
-(HMAC-SHA256); it reaches the client inside Flower's ``train`` message, and only nodes selected
-for the current round hold a valid one.
+Streams authenticate with a token derived from a per-run secret, the round, the mode and the node
+id (HMAC-SHA256, :func:`splitfed.protocol.round_token`); it reaches the client inside Flower's
+message, and only nodes selected for the current round hold a valid one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import torch
 
+from .protocol import (
+    GRPC_OPTIONS,
+    METADATA_MODE,
+    METADATA_NODE,
+    METADATA_ROUND,
+    METADATA_TOKEN,
+    SERVICE,
+    Mode,
+    round_token,
+)
 from .server_half import ServerHalfTrainer
 from .tls import TLSCredentials
 from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
 
-__all__ = ["BatchError", "RoundStats", "SplitServer", "round_token"]
+__all__ = ["BatchError", "RoundStats", "SplitServer"]
 
 logger = logging.getLogger("flwr_splitfed")
-
-SERVICE = "splitfed.SplitServer"
-TRAIN_METHOD = f"/{SERVICE}/Train"
-METADATA_NODE = "splitfed-node-id"
-METADATA_ROUND = "splitfed-round"
-METADATA_TOKEN = "splitfed-token"
-# Activations of large batches exceed gRPC's 4 MiB default.
-MAX_MESSAGE_BYTES = 1 << 30
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+_T = TypeVar("_T")
 
 
 class BatchError(ValueError):
     """A batch does not match what the server half expects."""
-
-
-def round_token(secret: bytes, server_round: int, node_id: int) -> str:
-    """Return the data-plane credential of ``node_id`` for ``server_round``."""
-    return hmac.new(secret, f"{server_round}:{node_id}".encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -61,6 +55,7 @@ class RoundStats:
     """What crossed the data plane in one round."""
 
     server_round: int
+    mode: str = Mode.TRAIN
     bytes_received: int = 0
     bytes_sent: int = 0
     batches: int = 0
@@ -150,6 +145,7 @@ class SplitServer:
         self._lock = threading.Lock()
         self._steps_done = threading.Condition(self._lock)
         self._round = 0
+        self._mode = Mode.TRAIN
         self._selected: frozenset[int] = frozenset()
         self._stats = RoundStats(server_round=0)
         self._streams: dict[int, grpc.ServicerContext] = {}  # open streams of this round
@@ -190,15 +186,16 @@ class SplitServer:
             ) from err
         server.start()
         self._server = server
+        bound = f"{host}:{port}"
         if self._advertised:
             self.address = self._advertised
         elif host in ("0.0.0.0", "[::]", ""):
             self.address = f"{socket.gethostname()}:{port}"
         else:
-            self.address = f"{host}:{port}"
+            self.address = bound
         logger.info(
             "Split server listening on %s with %s (clients dial %s)",
-            self.bind_address,
+            bound,
             "TLS" if self.tls else "no TLS",
             self.address,
         )
@@ -211,9 +208,9 @@ class SplitServer:
             logger.warning(
                 "INSECURE: the split server on %s serves plaintext to %s: activations, labels "
                 "and gradients are readable by anyone on the path. Give it TLS credentials "
-                "(split-server-certfile/-keyfile/-ca-certfile) for anything but a single "
-                "machine or a private network",
-                self.bind_address,
+                "(tls=TLSCredentials.from_files(certfile=..., keyfile=..., ca_certfile=...)) for "
+                "anything but a single machine or a private network",
+                bound,
                 reach,
             )
         return self.address
@@ -234,14 +231,27 @@ class SplitServer:
 
     # -- rounds ---------------------------------------------------------------------------------
 
-    def open_round(self, server_round: int, node_ids: list[int]) -> dict[int, str]:
-        """Admit ``node_ids`` for ``server_round``; return each node's credential."""
+    def open_round(
+        self, server_round: int, node_ids: list[int], *, mode: str = Mode.TRAIN
+    ) -> dict[int, str]:
+        """Admit ``node_ids`` for ``server_round``; return each node's credential.
+
+        With ``mode="evaluate"`` the streams of the round evaluate: the server half runs in eval
+        mode, without gradients, and nothing is trained.
+        """
+        if mode not in Mode.ALL:
+            raise ValueError(f"mode must be one of {', '.join(Mode.ALL)}; got {mode!r}")
         with self._lock:
-            self._round = server_round
+            self._round, self._mode = server_round, mode
             self._selected = frozenset(node_ids)
-            self._stats = RoundStats(server_round=server_round)
-        self.trainer.begin_round(list(node_ids))
-        return {node_id: round_token(self._secret, server_round, node_id) for node_id in node_ids}
+            self._stats = RoundStats(server_round=server_round, mode=mode)
+        if mode == Mode.TRAIN:
+            self.trainer.begin_round(list(node_ids))
+        else:
+            self.trainer.begin_evaluation()
+        return {
+            node_id: round_token(self._secret, server_round, node_id, mode) for node_id in node_ids
+        }
 
     def close_round(self) -> RoundStats:
         """End the current round and return its statistics.
@@ -263,8 +273,11 @@ class SplitServer:
                 )
                 context.cancel()
             self._steps_done.wait_for(lambda: self._steps_in_flight == 0)
-            stats = self._stats
-        stats.examples_by_node = dict(self.trainer.examples_by_node)
+            stats, mode = self._stats, self._mode
+        if mode == Mode.TRAIN:
+            stats.examples_by_node = dict(self.trainer.examples_by_node)
+        else:
+            self.trainer.end_evaluation()
         return stats
 
     # -- the stream -----------------------------------------------------------------------------
@@ -274,19 +287,21 @@ class SplitServer:
         try:
             node_id = int(metadata[METADATA_NODE])
             server_round = int(metadata[METADATA_ROUND])
+            mode = str(metadata.get(METADATA_MODE, Mode.TRAIN))
             token = str(metadata[METADATA_TOKEN])
         except (KeyError, ValueError):
             self._refuse(context, "?", "the stream carries no valid credential metadata")
         with self._lock:
-            current_round, selected = self._round, self._selected
-        expected = round_token(self._secret, server_round, node_id)
+            current_round, current_mode, selected = self._round, self._mode, self._selected
+        expected = round_token(self._secret, server_round, node_id, mode)
         if not hmac.compare_digest(expected, token):
             self._refuse(context, node_id, "the credential is not valid for this run")
-        if server_round != current_round or node_id not in selected:
+        if server_round != current_round or mode != current_mode or node_id not in selected:
             self._refuse(
                 context,
                 node_id,
-                f"node is not selected for round {server_round} (current round: {current_round})",
+                f"node is not selected for the {mode} of round {server_round} (now: the "
+                f"{current_mode} of round {current_round})",
             )
         with self._lock:
             duplicate = node_id in self._streams
@@ -307,7 +322,14 @@ class SplitServer:
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         node_id = self._authenticate(context)
-        steps = (_LabelPrivateSteps if self.label_private else _PlainSteps)(self, node_id)
+        with self._lock:
+            mode = self._mode
+        if mode == Mode.EVALUATE:
+            steps: _Steps = _EvaluationSteps(self, node_id)
+        elif self.label_private:
+            steps = _LabelPrivateSteps(self, node_id)
+        else:
+            steps = _PlainSteps(self, node_id)
         try:
             yield from self._serve_frames(node_id, requests, context, steps)
         finally:
@@ -321,7 +343,7 @@ class SplitServer:
         node_id: int,
         requests: Iterator[bytes],
         context: grpc.ServicerContext,
-        steps: _PlainSteps | _LabelPrivateSteps,
+        steps: _Steps,
     ) -> Iterator[bytes]:
         """Answer each frame through ``steps``; a refused frame gets an ERROR reply."""
         for data in requests:
@@ -373,8 +395,8 @@ class SplitServer:
             raise BatchError(
                 f"expected a {kind!r} frame, got {frame.kind!r}"
                 + (
-                    "; the client and the split server must both run the label-private split, "
-                    "or both the plain one (run-config key label-private)"
+                    "; the client and the split server must both run the label-private split "
+                    "(a model cut with a server_cut), or both the plain one"
                     if FrameKind.SMASHED in (kind, frame.kind)
                     else ""
                 )
@@ -425,9 +447,9 @@ class SplitServer:
         return activations, labels
 
     @staticmethod
-    def _run_server_half(method, node_id: int, *tensors: torch.Tensor):
+    def _run_server_half(method: Callable[..., _T], *arguments: Any) -> _T:
         try:
-            return method(node_id, *tensors)
+            return method(*arguments)
         except Exception as err:  # the server half itself failed on this batch
             raise BatchError(f"the server half failed on this batch: {err}") from err
 
@@ -459,14 +481,24 @@ class SplitServer:
         return gradient
 
 
-class _PlainSteps:
-    """The plain split: FORWARD (activations, labels) is answered by BACKWARD (cut gradient)."""
+class _Steps:
+    """How one stream's frames are answered; subclasses are the kinds of split and evaluation."""
 
     def __init__(self, server: SplitServer, node_id: int) -> None:
         self.server, self.node_id, self.expected_step = server, node_id, 1
 
     def answer(self, frame: Frame) -> tuple[Frame, bool]:
         """The reply to ``frame`` and whether it finished a batch; raises on a bad frame."""
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Drop a half-done batch (none unless a batch spans two exchanges)."""
+
+
+class _PlainSteps(_Steps):
+    """The plain split: FORWARD (activations, labels) is answered by BACKWARD (cut gradient)."""
+
+    def answer(self, frame: Frame) -> tuple[Frame, bool]:
         activations, labels = self.server._validate_batch(frame, expected_step=self.expected_step)
         result = SplitServer._run_server_half(
             self.server.trainer.step, self.node_id, activations, labels
@@ -480,16 +512,35 @@ class _PlainSteps:
         )
         return reply, True
 
-    def abandon(self) -> None:
-        """Drop a half-done batch (none: a plain step is done in one exchange)."""
+
+class _EvaluationSteps(_Steps):
+    """Evaluation: EVALUATE (activations, labels) is answered by EVALUATION (loss, correct); in
+    the label-private split SMASHED (activations) is answered by SERVER_OUTPUT. Nothing trains."""
+
+    def answer(self, frame: Frame) -> tuple[Frame, bool]:
+        trainer = self.server.trainer
+        if self.server.label_private:
+            activations, _ = self.server._validate_batch(
+                frame, expected_step=self.expected_step, kind=FrameKind.SMASHED
+            )
+            outputs = SplitServer._run_server_half(trainer.evaluate_outputs, activations)
+            self.expected_step += 1
+            return Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs}), True
+        activations, labels = self.server._validate_batch(
+            frame, expected_step=self.expected_step, kind=FrameKind.EVALUATE
+        )
+        loss, correct = SplitServer._run_server_half(trainer.evaluate_loss, activations, labels)
+        self.expected_step += 1
+        reply = Frame(FrameKind.EVALUATION, frame.step, scalars={"loss": loss, "correct": correct})
+        return reply, True
 
 
-class _LabelPrivateSteps:
+class _LabelPrivateSteps(_Steps):
     """The label-private split: SMASHED is answered by SERVER_OUTPUT, then OUTPUT_GRADIENT by
     BACKWARD. A refused frame drops the step's pending batch."""
 
     def __init__(self, server: SplitServer, node_id: int) -> None:
-        self.server, self.node_id, self.expected_step = server, node_id, 1
+        super().__init__(server, node_id)
         self.output_shape: torch.Size | None = None  # while a batch waits for its gradient
 
     def answer(self, frame: Frame) -> tuple[Frame, bool]:

@@ -132,10 +132,32 @@ class ServerHalfTrainer(ABC):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        correct = int((outputs.detach().argmax(dim=1) == labels).sum()) if outputs.dim() == 2 else 0
+        correct = _correct(outputs.detach(), labels)
         return StepResult(
             cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct
         )
+
+    # -- evaluation: the global server half in eval mode, nothing trained ------------------------
+
+    def begin_evaluation(self) -> None:
+        """Put the global server half in eval mode for an evaluation round."""
+        self.server_half.eval()
+
+    def end_evaluation(self) -> None:
+        """Back to training mode after an evaluation round."""
+        self.server_half.train()
+
+    @torch.no_grad()
+    def evaluate_loss(self, activations: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """The loss and the correct count of the global server half on one batch."""
+        outputs = self.server_half(activations.to(self.device))
+        labels = labels.to(self.device)
+        return float(self.loss_fn(outputs, labels)), _correct(outputs, labels)
+
+    @torch.no_grad()
+    def evaluate_outputs(self, activations: torch.Tensor) -> torch.Tensor:
+        """The label-private split: the global server half's output on one batch."""
+        return self.server_half(activations.to(self.device)).cpu()
 
     # -- the label-private (U-shaped) split: one batch, two exchanges ----------------------------
 
@@ -326,7 +348,14 @@ class SFLV2Trainer(ServerHalfTrainer):
             worker.shutdown(wait=True)
 
 
-def make_trainer(variant: str, **kwargs) -> ServerHalfTrainer:
+def _correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
+    """Examples whose highest output is their label (0 for outputs that are not class scores)."""
+    if outputs.dim() != 2 or labels.dim() != 1 or labels.is_floating_point():
+        return 0
+    return int((outputs.argmax(dim=1) == labels).sum())
+
+
+def make_trainer(variant: str, **kwargs: Any) -> ServerHalfTrainer:
     """Return the trainer for ``variant`` ("v1" or "v2"), built with ``kwargs``."""
     trainers = {Variant.V1: SFLV1Trainer, Variant.V2: SFLV2Trainer}
     return trainers[Variant.validate(variant)](**kwargs)

@@ -74,6 +74,11 @@ class FrameKind:
     OUTPUT_GRADIENT = "output-gradient"
     """Client to server: the gradient of the client's loss at the server half's output; the
     server answers with a ``BACKWARD`` frame (the gradient at the cut)."""
+    # Evaluation: nothing is trained, nothing but the loss comes back.
+    EVALUATE = "evaluate"
+    """Client to server: activations and labels of one evaluation batch."""
+    EVALUATION = "evaluation"
+    """Server to client: the loss and correct count of that batch, without a gradient."""
 
 
 class WireFormatError(ValueError):

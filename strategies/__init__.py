@@ -1,5 +1,6 @@
-"""Flower strategies that drive SplitFed rounds."""
+"""Flower strategies that drive SplitFed rounds (imported as ``splitfed.strategies``)."""
 
-from .splitfed import SplitFed, SplitFedEvaluateFn, SplitFedResult
+from .failures import SplitFedRunError
+from .splitfed import SplitFed, SplitFedResult
 
-__all__ = ["SplitFed", "SplitFedEvaluateFn", "SplitFedResult"]
+__all__ = ["SplitFed", "SplitFedResult", "SplitFedRunError"]

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,22 +17,23 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords, aggregate_metricrecords
 from flwr.supercore import log
+from torch import nn
 
-from splitfed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from splitfed.client import TICKET_KEY, DataPlaneTicket, peak_rss_mb
+from splitfed.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
 from splitfed.config import OptimizerConfig, Variant
-from splitfed.cut import LabelPrivateSplit, SplitModel
+from splitfed.cut import SplitModel
+from splitfed.protocol import TICKET_KEY, DataPlaneTicket, Mode
+from splitfed.resources import peak_rss_mb
 from splitfed.server import RoundStats, SplitServer
 from splitfed.server_half import LossFn, make_trainer
 from splitfed.tls import TLSCredentials
 from splitfed.wire import COMPRESSIONS
 
-__all__ = ["SplitFed", "SplitFedEvaluateFn", "SplitFedResult"]
+from .failures import FailureLog
 
-SplitFedEvaluateFn = Callable[[int, ArrayRecord, ArrayRecord], MetricRecord | None]
-"""``evaluate_fn(server_round, client_half_arrays, server_half_arrays)``."""
+__all__ = ["SplitFed", "SplitFedResult"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -48,19 +48,20 @@ class SplitFedResult(Result):
 class SplitFed(Strategy):
     """SplitFed: split learning with federated averaging of the client halves.
 
-    Flower carries one ``train`` message per selected client per round; the split server, which
-    this strategy starts for the length of :meth:`start`, carries every batch. Node selection
-    and the aggregation of client halves are delegated to ``aggregator``, an ordinary Flower
-    strategy, so FedAvg, FedProx, FedAdam, Krum, ... work unchanged on the client halves.
+    Flower carries one ``train`` (and ``evaluate``) message per selected client per round; the
+    split server, which this strategy starts for the length of :meth:`start`, carries every
+    batch. Node selection, the aggregation of client halves and of evaluation metrics are
+    delegated to ``aggregator``, an ordinary Flower strategy, so FedAvg, FedProx, FedAdam, Krum,
+    ... work unchanged on the client halves, and its ``fraction_evaluate`` and
+    ``min_evaluate_nodes`` decide federated evaluation.
 
     Parameters
     ----------
-    split : SplitModel | LabelPrivateSplit
+    split : SplitModel
         The cut model, from :func:`splitfed.split_model` or :func:`splitfed.join_halves`. Its
-        server half is copied: the strategy trains the copy. A :class:`LabelPrivateSplit`
-        (:func:`splitfed.split_label_private`) runs the label-private (U-shaped) split: labels
-        and the loss stay with the clients, whose ArrayRecord then holds the client half and the
-        client head, merged together by ``aggregator``.
+        server half is copied: the strategy trains the copy. A split with a client head runs the
+        label-private (U-shaped) split: labels and the loss stay with the clients, whose
+        ``ArrayRecord`` then holds the client half and the client head, merged together.
     variant : str (default: "v1")
         ``"v1"`` (SFLV1: one server-half copy per client, averaged with the client halves) or
         ``"v2"`` (SFLV2: one server half, updated by each client's batches in arrival order).
@@ -68,12 +69,13 @@ class SplitFed(Strategy):
         The server-half optimizer; ``None`` means ``OptimizerConfig()`` (SGD, lr 0.05). It keeps
         its state across batches and rounds.
     loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
-        The training loss on the server half's output; ``None`` means cross-entropy. Not used
-        by the label-private split, whose loss is the clients' (``train_client_half``).
+        The training loss on the server half's output, averaged over the batch; ``None`` means
+        cross-entropy. Not used by the label-private split, whose loss is the clients'.
     aggregator : Strategy | None (default: None)
-        Selects clients and merges client halves. ``None`` means
-        ``FedAvg(fraction_evaluate=0.0)``. The SFLV1 server-half copies are always merged with
-        FedAvg weighted by examples, whatever ``aggregator`` does with the client halves.
+        Selects clients and merges client halves; aggregates federated evaluation metrics.
+        ``None`` means ``FedAvg()``. The SFLV1 server-half copies are always merged with FedAvg
+        weighted by examples, whatever ``aggregator`` does with the client halves. Its
+        ``fraction_evaluate=0.0`` turns federated evaluation off.
     merge_every : int (default: 1)
         Merge client halves (and SFLV1 server-half copies) every this many rounds, and after
         the last round. Between merges each client trains on from its own client half (from the
@@ -88,8 +90,7 @@ class SplitFed(Strategy):
         Most clients streaming at once.
     tls : TLSCredentials | None (default: None)
         The split server's TLS certificate and CA. Clients receive the CA inside their
-        ``train`` message and verify the split server with it. Required unless
-        ``insecure=True``.
+        message and verify the split server with it. Required unless ``insecure=True``.
     insecure : bool (default: False)
         Serve the data plane in plaintext, for a single machine or a private network only;
         logs a warning.
@@ -97,6 +98,10 @@ class SplitFed(Strategy):
         A round merges only if at least this many selected clients finished it; otherwise it
         is dropped and both halves stay as they were before it (SFLV2's server half is rolled
         back). ``None`` means the aggregator's ``min_train_nodes`` (1 if it has none).
+    max_failed_rounds : int (default: 3)
+        Stop the run with :class:`SplitFedRunError`, naming the clients' failure reasons, after
+        this many consecutive rounds in which no client finished. The ServerApp then ends with
+        an error instead of a completed run that learned nothing.
     server_threads : int | None (default: None)
         Torch threads per server-half operation, set for this process when the split server
         starts (see :class:`splitfed.SplitServer`'s ``intra_op_threads``). ``None`` leaves
@@ -104,14 +109,16 @@ class SplitFed(Strategy):
     data_plane_compression : str (default: "none")
         How activations and the gradients returned for them travel: ``"none"`` (exact),
         ``"fp16"``, ``"bf16"`` (half the bytes), ``"int8-row"`` or ``"int8-tensor"`` (a quarter,
-        with a float32 scale per example or per batch). Clients receive it in their ticket; the
-        split server replies in the codec each batch came in. Round metrics count wire bytes.
+        with a float32 scale per example or per batch). Round metrics count wire bytes.
+    checkpoint : CheckpointConfig | None (default: None)
+        Write a checkpoint after every merged round and resume from one (see
+        :class:`splitfed.CheckpointConfig`).
     """
 
     def __init__(
         self,
         *,
-        split: SplitModel | LabelPrivateSplit,
+        split: SplitModel,
         variant: str = Variant.V1,
         server_optimizer: OptimizerConfig | None = None,
         loss_fn: LossFn | None = None,
@@ -124,38 +131,47 @@ class SplitFed(Strategy):
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         min_completed_clients: int | None = None,
+        max_failed_rounds: int = 3,
         data_plane_compression: str = "none",
         server_threads: int | None = None,
+        checkpoint: CheckpointConfig | None = None,
     ) -> None:
         if data_plane_compression not in COMPRESSIONS:
             raise ValueError(
                 f"data_plane_compression={data_plane_compression!r} is not known; use one of "
                 f"{', '.join(repr(c) for c in COMPRESSIONS)}"
             )
-        self.data_plane_compression = data_plane_compression
         if merge_every < 1:
             raise ValueError(f"merge_every must be at least 1; got {merge_every}")
         if min_completed_clients is not None and min_completed_clients < 1:
             raise ValueError(
                 f"min_completed_clients must be at least 1 or None; got {min_completed_clients}"
             )
-        self.variant = Variant.validate(variant)
-        self.label_private = isinstance(split, LabelPrivateSplit)
-        if self.label_private and loss_fn is not None:
+        if max_failed_rounds < 1:
+            raise ValueError(f"max_failed_rounds must be at least 1; got {max_failed_rounds}")
+        if split.label_private and loss_fn is not None:
             raise ValueError(
                 "in the label-private split the loss is computed by the client head: pass "
                 "loss_fn to train_client_half on the clients, not to the strategy"
             )
+        self.variant = Variant.validate(variant)
+        self.data_plane_compression = data_plane_compression
+        self.label_private = split.label_private
         self.server_loss_reduction = str(
             getattr(loss_fn, "reduction", "unknown") if loss_fn is not None else "mean"
         )
         self.merge_every = merge_every
-        self.aggregator = aggregator if aggregator is not None else FedAvg(fraction_evaluate=0.0)
+        self.max_failed_rounds = max_failed_rounds
+        self.checkpoint = checkpoint
+        self.aggregator = aggregator if aggregator is not None else FedAvg()
         self.min_completed_clients = (
             min_completed_clients
             if min_completed_clients is not None
             else int(getattr(self.aggregator, "min_train_nodes", 1))
         )
+        # The strategy's own copy of the model: the trainer owns the server half; the client
+        # parts and another server half assemble the global model for evaluation.
+        self._split = copy.deepcopy(split)
         self.trainer = make_trainer(
             self.variant,
             server_half=copy.deepcopy(split.server_half),
@@ -163,9 +179,7 @@ class SplitFed(Strategy):
             loss_fn=loss_fn,
             device=device,
         )
-        self.client_half_keys = tuple(
-            split.client_state_dict() if self.label_private else split.client_half.state_dict()
-        )
+        self.client_half_keys = tuple(split.client_state_dict())
         self.split_server = SplitServer(
             trainer=self.trainer,
             activation_shape=split.activation_shape,
@@ -183,8 +197,10 @@ class SplitFed(Strategy):
         self._round_started = 0.0
         self._round_metrics: dict[int, MetricRecord] = {}
         self._sync_bytes = 0
-        self._global_dtypes: dict[str, np.dtype] = {}
+        self._global_dtypes: dict[str, np.dtype[Any]] = {}
         self._selected: list[int] = []
+        self._evaluating: list[int] = []
+        self._failures = FailureLog()
 
     # -- Strategy API ---------------------------------------------------------------------------
 
@@ -210,31 +226,15 @@ class SplitFed(Strategy):
         self._round_started = time.perf_counter()
         messages = list(self.aggregator.configure_train(server_round, arrays, config, grid))
         self._selected = [msg.metadata.dst_node_id for msg in messages]
-        tokens = self.split_server.open_round(
-            server_round, [msg.metadata.dst_node_id for msg in messages]
-        )
-        resume_local = (server_round - 1) % self.merge_every != 0
         self._sync_bytes = _array_bytes(arrays) * len(messages)
-        tickets = []
-        for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            ticket = DataPlaneTicket(
-                address=str(self.split_server.address),
-                token=tokens[node_id],
-                server_round=server_round,
-                resume_local=resume_local,
-                send_client_half=self._merges_after(server_round),
-                root_certificates=self._root_certificates,
-                label_private=self.label_private,
-                server_loss_reduction=self.server_loss_reduction,
-                compression=self.data_plane_compression,
-            )
-            # The aggregator may share one RecordDict among its messages: give each its own.
-            content = RecordDict({**msg.content, TICKET_KEY: ticket.to_record()})
-            tickets.append(
-                Message(content, dst_node_id=node_id, message_type=msg.metadata.message_type)
-            )
-        return tickets
+        return self._with_tickets(
+            server_round,
+            messages,
+            mode=Mode.TRAIN,
+            resume_local=(server_round - 1) % self.merge_every != 0,
+            send_client_half=self._merges_after(server_round),
+            proximal_mu=float(getattr(self.aggregator, "proximal_mu", 0.0)),
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -246,10 +246,11 @@ class SplitFed(Strategy):
         """
         replies = list(replies)
         stats = self.split_server.close_round()
-        completed = [msg for msg in replies if not msg.has_error()]
-        self._log_failures(server_round, replies)
+        completed = self._failures.record(server_round, "train", self._selected, replies)
         merge = self._merges_after(server_round)
         dropped = merge and len(completed) < self.min_completed_clients
+        arrays: ArrayRecord | None
+        metrics: MetricRecord | None
         if dropped:
             log(
                 WARNING,
@@ -275,10 +276,8 @@ class SplitFed(Strategy):
             )
         else:
             contents = [msg.content for msg in completed]
-            arrays, metrics = (
-                None,
-                aggregate_metricrecords(contents, "num-examples") if contents else None,
-            )
+            arrays = None
+            metrics = aggregate_metricrecords(contents, "num-examples") if contents else None
         self._sync_bytes += sum(
             _array_bytes(record)
             for msg in completed
@@ -294,40 +293,29 @@ class SplitFed(Strategy):
         )
         return arrays, metrics
 
-    def _log_failures(self, server_round: int, replies: list[Message]) -> None:
-        replied = set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            replied.add(node_id)
-            if msg.has_error():
-                log(
-                    WARNING,
-                    "[SplitFed] round %d: node %d failed and is left out: %s",
-                    server_round,
-                    node_id,
-                    msg.error.reason,
-                )
-        for node_id in self._selected:
-            if node_id not in replied:
-                log(
-                    WARNING,
-                    "[SplitFed] round %d: node %d sent no reply before the round timeout and "
-                    "is left out (it stalled, lost its connection, or its process died)",
-                    server_round,
-                    node_id,
-                )
-
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the merged model is evaluated centrally (``evaluate_fn``)."""
-        return []
+        """Select clients through the aggregator (its ``fraction_evaluate``) to evaluate the
+        merged model on their own data, through the split server in eval mode."""
+        messages = list(self.aggregator.configure_evaluate(server_round, arrays, config, grid))
+        self._evaluating = [msg.metadata.dst_node_id for msg in messages]
+        if not messages:
+            return []
+        return self._with_tickets(server_round, messages, mode=Mode.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
-        return None
+        """Aggregate the clients' evaluation metrics with the aggregator's own function."""
+        replies = list(replies)
+        if not self._evaluating:
+            return None
+        self.split_server.close_round()
+        completed = self._failures.record(server_round, "evaluate", self._evaluating, replies)
+        if not completed:
+            return None
+        return self.aggregator.aggregate_evaluate(server_round, completed)
 
     def start(
         self,
@@ -337,136 +325,141 @@ class SplitFed(Strategy):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: SplitFedEvaluateFn | None = None,
-        *,
-        checkpoint_path: str | Path | None = None,
-        run_fingerprint: str = "",
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> SplitFedResult:
-        """Run SplitFed for ``num_rounds`` rounds; see Flower's ``Strategy.start``.
+        """Run SplitFed for ``num_rounds`` rounds; the same contract as Flower's
+        :meth:`Strategy.start`.
 
         The split server runs for the length of this call. ``initial_arrays`` is the initial
-        client half. ``evaluate_fn(server_round, client_half_arrays, server_half_arrays)``, if
-        given, evaluates the merged full model centrally before the first round and after each.
-        ``timeout`` is the most seconds a round waits for clients; those that have not replied
-        by then are left out of it. ``evaluate_config`` is unused: there is no federated
-        evaluation.
+        client side (``ArrayRecord(split.client_state_dict())``). ``evaluate_fn(server_round,
+        arrays)``, if given, evaluates centrally before the first round and after each, on the
+        merged client half; :meth:`global_model` assembles the whole model from it with the
+        current server half. ``timeout`` is the most seconds a round's training (and its
+        evaluation) waits for clients; those that have not replied by then are left out.
 
-        With ``checkpoint_path``, the state after every round that merged (client half, server
-        half, optimizer states, RNG states, metrics) is written there atomically, and a run that
-        finds a checkpoint there resumes after its round. ``run_fingerprint`` identifies the
-        run configuration; a checkpoint of another configuration is refused.
+        Each round trains, then evaluates on the clients the aggregator selects (Flower's
+        federated evaluation), then calls ``evaluate_fn``; a run with a ``checkpoint`` resumes
+        after the round its checkpoint holds.
         """
         self._check_client_half(initial_arrays)
         self._num_rounds = num_rounds
         self._round_metrics = {}
+        self._failures = FailureLog()
         self._global_dtypes = {key: array.numpy().dtype for key, array in initial_arrays.items()}
         train_config = train_config if train_config is not None else ConfigRecord()
+        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
         result = SplitFedResult(arrays=initial_arrays)
-        first_round = 1
-        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path is not None else None
-        if checkpoint is not None:
-            first_round = self._resume(checkpoint, result, run_fingerprint) + 1
-            log(
-                INFO, "[SplitFed] resuming after round %d from %s", first_round - 1, checkpoint_path
-            )
+        first_round = self._resume(result) + 1
 
         log(INFO, "Starting %s strategy:", type(self).__name__)
         with self.split_server:
             self.summary()
-
-            def evaluate(server_round: int) -> None:
-                metrics = (
-                    evaluate_fn(server_round, result.arrays, self.server_half_arrays())
-                    if evaluate_fn
-                    else None
-                )
-                if metrics is not None:
-                    result.evaluate_metrics_serverapp[server_round] = metrics
-                self._log_round(server_round, metrics)
-
             if first_round == 1:
-                evaluate(0)
+                self._evaluate_centrally(0, result, evaluate_fn)
             for server_round in range(first_round, num_rounds + 1):
                 log(INFO, "")
                 log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-                replies = grid.send_and_receive(
-                    messages=self.configure_train(server_round, result.arrays, train_config, grid),
-                    timeout=timeout,
-                )
-                arrays, metrics = self.aggregate_train(server_round, replies)
-                if arrays is not None:
-                    result.arrays = arrays
-                if metrics is not None:
-                    result.train_metrics_clientapp[server_round] = metrics
-                evaluate(server_round)
+                self._train_round(grid, server_round, result, train_config, timeout)
+                self._evaluate_round(grid, server_round, result, evaluate_config, timeout)
+                self._evaluate_centrally(server_round, result, evaluate_fn)
                 result.round_metrics[server_round] = self._round_metrics[server_round]
-                if checkpoint_path is not None and self._round_metrics[server_round]["merged"]:
-                    save_checkpoint(
-                        checkpoint_path, self._checkpoint(server_round, result, run_fingerprint)
-                    )
+                self._save(server_round, result)
+                self._failures.check(server_round, self.max_failed_rounds)
         result.server_half_arrays = self.server_half_arrays()
         return result
 
-    def _checkpoint(
-        self, server_round: int, result: SplitFedResult, fingerprint: str
-    ) -> dict[str, Any]:
-        numpy_state = np.random.get_state()
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": fingerprint,
-            "round": server_round,
-            "client_half": result.arrays.to_torch_state_dict(),
-            "trainer": self.trainer.state_dict(),
-            "round_metrics": {r: dict(m) for r, m in result.round_metrics.items()},
-            "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-            "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
-            # Flower samples clients with `random`; the ServerApp may use numpy and torch.
-            "rng": {
-                "python": random.getstate(),
-                "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-                "torch": torch.get_rng_state(),
-            },
-        }
+    # -- the steps of a round -------------------------------------------------------------------
 
-    def _resume(self, checkpoint: dict[str, Any], result: SplitFedResult, fingerprint: str) -> int:
-        """Restore the state saved after a round; return that round."""
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"the checkpoint has format {checkpoint.get('format')!r}, this version reads "
-                f"{CHECKPOINT_FORMAT}; move it away to start the run afresh"
-            )
-        if checkpoint["fingerprint"] != fingerprint:
-            raise CheckpointError(
-                "the checkpoint belongs to another run configuration "
-                f"({checkpoint['fingerprint']!r}, this run: {fingerprint!r}); resume with the "
-                "same run config, or write to another output folder"
-            )
-        client_half = ArrayRecord(checkpoint["client_half"])
-        self._check_client_half(client_half)
-        result.arrays = client_half
-        self.trainer.load_state_dict(checkpoint["trainer"])
-        result.round_metrics.update(
-            {r: MetricRecord(m) for r, m in checkpoint["round_metrics"].items()}
+    def _train_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        result: SplitFedResult,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> None:
+        replies = grid.send_and_receive(
+            messages=self.configure_train(server_round, result.arrays, config, grid),
+            timeout=timeout,
         )
-        self._round_metrics.update(result.round_metrics)
-        result.train_metrics_clientapp.update(
-            {r: MetricRecord(m) for r, m in checkpoint["train_metrics"].items()}
-        )
-        result.evaluate_metrics_serverapp.update(
-            {r: MetricRecord(m) for r, m in checkpoint["evaluate_metrics"].items()}
-        )
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        name, keys, *rest = rng["numpy"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-        torch.set_rng_state(rng["torch"])
-        return int(checkpoint["round"])
+        arrays, metrics = self.aggregate_train(server_round, replies)
+        if arrays is not None:
+            result.arrays = arrays
+        if metrics is not None:
+            result.train_metrics_clientapp[server_round] = metrics
 
-    # -- helpers --------------------------------------------------------------------------------
+    def _evaluate_round(
+        self,
+        grid: Grid,
+        server_round: int,
+        result: SplitFedResult,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> None:
+        messages = list(self.configure_evaluate(server_round, result.arrays, config, grid))
+        replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+        metrics = self.aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[server_round] = metrics
+            log(INFO, "[SplitFed] round %d federated evaluation: %s", server_round, metrics)
+
+    def _evaluate_centrally(
+        self,
+        server_round: int,
+        result: SplitFedResult,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+    ) -> None:
+        metrics = evaluate_fn(server_round, result.arrays) if evaluate_fn else None
+        if metrics is not None:
+            result.evaluate_metrics_serverapp[server_round] = metrics
+        self._log_round(server_round, metrics)
+
+    # -- the global model -----------------------------------------------------------------------
 
     def server_half_arrays(self) -> ArrayRecord:
         """The global server half, as an ``ArrayRecord``."""
         return ArrayRecord(self.trainer.server_half.state_dict())
+
+    def global_model(self, arrays: ArrayRecord) -> nn.Module:
+        """The whole model: the client side from ``arrays`` (e.g. what ``evaluate_fn`` gets) and
+        the current global server half.
+
+        It is the strategy's own copy, loaded anew by each call; use it for central evaluation
+        or to save the model. Its parameters are not the ones being trained.
+        """
+        self._split.load_client_state_dict(arrays.to_torch_state_dict())
+        self._split.server_half.load_state_dict(self.trainer.server_half.state_dict())
+        return self._split.full_model()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _with_tickets(
+        self, server_round: int, messages: list[Message], *, mode: str, **ticket: Any
+    ) -> list[Message]:
+        """Open the split server's round for ``messages``' nodes and give each its ticket."""
+        tokens = self.split_server.open_round(
+            server_round, [msg.metadata.dst_node_id for msg in messages], mode=mode
+        )
+        tickets = []
+        for msg in messages:
+            node_id = msg.metadata.dst_node_id
+            record = DataPlaneTicket(
+                address=str(self.split_server.address),
+                token=tokens[node_id],
+                server_round=server_round,
+                mode=mode,
+                root_certificates=self._root_certificates,
+                label_private=self.label_private,
+                server_loss_reduction=self.server_loss_reduction,
+                compression=self.data_plane_compression,
+                **ticket,
+            ).to_record()
+            # The aggregator may share one RecordDict among its messages: give each its own.
+            content = RecordDict({**msg.content, TICKET_KEY: record})
+            tickets.append(
+                Message(content, dst_node_id=node_id, message_type=msg.metadata.message_type)
+            )
+        return tickets
 
     def _merges_after(self, server_round: int) -> bool:
         return server_round % self.merge_every == 0 or server_round == self._num_rounds
@@ -492,11 +485,80 @@ class SplitFed(Strategy):
     def _check_client_half(self, arrays: ArrayRecord) -> None:
         if set(arrays) != set(self.client_half_keys):
             raise ValueError(
-                "initial_arrays do not match the client half of the SplitModel: expected keys "
+                "initial_arrays do not match the client side of the split: expected keys "
                 f"{list(self.client_half_keys)}, got {list(arrays)}. Pass "
-                "ArrayRecord(split.client_half.state_dict()), or "
-                "ArrayRecord(split.client_state_dict()) for a LabelPrivateSplit"
+                "ArrayRecord(split.client_state_dict())"
             )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _save(self, server_round: int, result: SplitFedResult) -> None:
+        if self.checkpoint is not None and self._round_metrics[server_round]["merged"]:
+            save_checkpoint(self.checkpoint.path, self._checkpoint(server_round, result))
+
+    def _checkpoint(self, server_round: int, result: SplitFedResult) -> dict[str, Any]:
+        assert self.checkpoint is not None
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.checkpoint.fingerprint,
+            "round": server_round,
+            "client_half": result.arrays.to_torch_state_dict(),
+            "trainer": self.trainer.state_dict(),
+            "round_metrics": {r: dict(m) for r, m in result.round_metrics.items()},
+            "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+            "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
+            "federated_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+        }
+        if self.checkpoint.global_rng:
+            numpy_state = np.random.get_state()
+            state["rng"] = {
+                "python": random.getstate(),
+                "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+                "torch": torch.get_rng_state(),
+            }
+        return state
+
+    def _resume(self, result: SplitFedResult) -> int:
+        """Restore the state a checkpoint holds, if there is one; return its round (0 if none)."""
+        if self.checkpoint is None:
+            return 0
+        checkpoint = load_checkpoint(self.checkpoint.path)
+        if checkpoint is None:
+            return 0
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"the checkpoint has format {checkpoint.get('format')!r}, this version reads "
+                f"{CHECKPOINT_FORMAT}; move it away to start the run afresh"
+            )
+        if checkpoint["fingerprint"] != self.checkpoint.fingerprint:
+            raise CheckpointError(
+                "the checkpoint belongs to another run configuration "
+                f"({checkpoint['fingerprint']!r}, this run: {self.checkpoint.fingerprint!r}); "
+                "resume with the same configuration, or write to another checkpoint path"
+            )
+        client_half = ArrayRecord(checkpoint["client_half"])
+        self._check_client_half(client_half)
+        result.arrays = client_half
+        self.trainer.load_state_dict(checkpoint["trainer"])
+        for target, key in (
+            (result.round_metrics, "round_metrics"),
+            (result.train_metrics_clientapp, "train_metrics"),
+            (result.evaluate_metrics_serverapp, "evaluate_metrics"),
+            (result.evaluate_metrics_clientapp, "federated_metrics"),
+        ):
+            target.update({r: MetricRecord(m) for r, m in checkpoint[key].items()})
+        self._round_metrics.update(result.round_metrics)
+        if self.checkpoint.global_rng and "rng" in checkpoint:
+            rng = checkpoint["rng"]
+            random.setstate(rng["python"])
+            name, keys, *rest = rng["numpy"]
+            np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+            torch.set_rng_state(rng["torch"])
+        server_round = int(checkpoint["round"])
+        log(INFO, "[SplitFed] resuming after round %d from %s", server_round, self.checkpoint.path)
+        return server_round
+
+    # -- metrics and logs -----------------------------------------------------------------------
 
     def _record_round(
         self,
@@ -546,7 +608,7 @@ class SplitFed(Strategy):
         )
 
 
-def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype]) -> ArrayRecord:
+def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype[Any]]) -> ArrayRecord:
     """Give aggregated arrays back the dtypes of the model's (FedAvg makes integers float)."""
     cast = {}
     for key, array in arrays.items():

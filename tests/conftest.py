@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import threading
 import time
@@ -15,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from simulation.launch import run_app
-from simulation.ray_cluster import LocalRayCluster, RayNode
-from simulation.task import load_digits_split
+from simulation.app.task import load_digits_split
+from simulation.launch.ray_cluster import LocalRayCluster, RayNode
+from simulation.launch.simulation_engine import run_app
 from splitfed import (
     GrpcDataPlane,
     OptimizerConfig,
@@ -29,7 +28,7 @@ from splitfed import (
     split_model,
 )
 
-SGD_MOMENTUM = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
+SGD_MOMENTUM = OptimizerConfig(torch.optim.SGD, lr=0.05, momentum=0.9)
 
 
 def small_cnn(seed: int = 0) -> nn.Sequential:
@@ -99,7 +98,7 @@ def train_through(
     *,
     node_id: int,
     server_round: int,
-    client_half: nn.Module,
+    split: SplitModel,
     batches: list,
     optimizer: torch.optim.Optimizer,
     local_epochs: int = 1,
@@ -114,7 +113,7 @@ def train_through(
         compression=compression,
     ) as plane:
         return run_local_epochs(
-            client_half=client_half,
+            split=split,
             data_plane=plane,
             train_loader=batches,
             optimizer=optimizer,
@@ -135,7 +134,8 @@ def train_round_concurrently(
     Each node trains its own copy of the client half with SGD_MOMENTUM over a real gRPC stream.
     """
     tokens = server.open_round(1, list(batches_by_node))
-    client_halves = {n: copy.deepcopy(split.client_half) for n in batches_by_node}
+    clients = {n: split.client_copy() for n in batches_by_node}
+    client_halves = {n: clients[n].client_half for n in batches_by_node}
     results = run_concurrently(
         *(
             lambda n=n: train_through(
@@ -143,9 +143,9 @@ def train_round_concurrently(
                 tokens[n],
                 node_id=n,
                 server_round=1,
-                client_half=client_halves[n],
+                split=clients[n],
                 batches=batches_by_node[n],
-                optimizer=SGD_MOMENTUM.build(client_halves[n].parameters()),
+                optimizer=SGD_MOMENTUM.build(clients[n].client_parameters()),
                 local_epochs=local_epochs,
                 compression=compression,
             )

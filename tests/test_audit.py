@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulation.audit import (
+from simulation.audit.audit import (
     Defense,
     cosine_attack_auc,
     main,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simulation.bench_models import WORKLOADS, batches, synthetic_partition
-from simulation.benchmark import frame_bytes, main, state_bytes, training_cost
+from simulation.benchmark.benchmark import frame_bytes, main, state_bytes, training_cost
+from simulation.benchmark.models import WORKLOADS, batches, synthetic_partition
 
 
 @pytest.mark.parametrize(("name", "activation_shape"), [("W1", (6, 14, 14)), ("W2", (16, 32, 32))])

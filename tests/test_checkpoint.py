@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,10 +14,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from splitfed import make_trainer
+from splitfed import CheckpointConfig, SplitFed, make_trainer
 from splitfed.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from strategies import SplitFed
-from strategies.splitfed import CHECKPOINT_FORMAT, SplitFedResult
+from splitfed.strategies.splitfed import CHECKPOINT_FORMAT, SplitFedResult
 from tests.conftest import SGD_MOMENTUM, digits_batches, small_split
 
 
@@ -125,17 +125,43 @@ def test_sflv2_discarding_a_round_restores_the_half_and_its_optimizer():
     trainer.close()
 
 
-def strategy_checkpoint(strategy: SplitFed, split, fingerprint: str) -> dict:
-    result = SplitFedResult(arrays=ArrayRecord(split.client_half.state_dict()))
-    return strategy._checkpoint(2, result, fingerprint)
+def strategy_with_checkpoint(path, fingerprint: str, **options) -> SplitFed:
+    checkpoint = CheckpointConfig(path=path, fingerprint=fingerprint, **options)
+    return SplitFed(split=small_split(), insecure=True, checkpoint=checkpoint)
 
 
-def test_a_checkpoint_of_another_run_configuration_is_refused():
-    split = small_split()
-    strategy = SplitFed(split=split, insecure=True)
-    checkpoint = strategy_checkpoint(strategy, split, "config-a")
+def write_checkpoint(strategy: SplitFed, server_round: int = 2) -> None:
+    result = SplitFedResult(arrays=ArrayRecord(small_split().client_state_dict()))
+    save_checkpoint(strategy.checkpoint.path, strategy._checkpoint(server_round, result))
+
+
+def test_a_checkpoint_of_another_run_configuration_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    write_checkpoint(strategy_with_checkpoint(path, "config-a"))
     with pytest.raises(CheckpointError, match="another run configuration"):
-        strategy._resume(checkpoint, SplitFedResult(), "config-b")
+        strategy_with_checkpoint(path, "config-b")._resume(SplitFedResult())
+    assert strategy_with_checkpoint(path, "config-a")._resume(SplitFedResult()) == 2
+    checkpoint = load_checkpoint(path)
+    save_checkpoint(path, {**checkpoint, "format": 99})
     with pytest.raises(CheckpointError, match=f"this version reads {CHECKPOINT_FORMAT}"):
-        strategy._resume({**checkpoint, "format": 99}, SplitFedResult(), "config-a")
-    assert strategy._resume(checkpoint, SplitFedResult(), "config-a") == 2
+        strategy_with_checkpoint(path, "config-a")._resume(SplitFedResult())
+
+
+def test_no_checkpoint_starts_from_round_one(tmp_path):
+    strategy = strategy_with_checkpoint(tmp_path / "none.pt", "config-a")
+    assert strategy._resume(SplitFedResult()) == 0
+    assert SplitFed(split=small_split(), insecure=True)._resume(SplitFedResult()) == 0
+
+
+@pytest.mark.parametrize("global_rng", [False, True])
+def test_global_random_generators_change_only_when_asked(tmp_path, global_rng):
+    path = tmp_path / "checkpoint.pt"
+    strategy = strategy_with_checkpoint(path, "a", global_rng=global_rng)
+    random.seed(1)
+    saved = random.random()
+    random.seed(1)
+    write_checkpoint(strategy)
+    random.seed(2)
+    strategy_with_checkpoint(path, "a", global_rng=global_rng)._resume(SplitFedResult())
+    # Restored, the next draw is the one after the checkpoint; untouched, the one after seed 2.
+    assert (random.random() == saved) is global_rng

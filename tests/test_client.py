@@ -28,19 +28,17 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def train_message(
-    server, server_round: int, client_half: nn.Module, extra_config=None, compression="none"
-) -> Message:
+def train_message(server, server_round: int, client_half: nn.Module, **ticket) -> Message:
     token = server.open_round(server_round, [NODE])[NODE]
-    ticket = DataPlaneTicket(
-        address=server.address, token=token, server_round=server_round, compression=compression
-    )
+    record = DataPlaneTicket(
+        address=server.address, token=token, server_round=server_round, **ticket
+    ).to_record()
     return Message(
         RecordDict(
             {
                 "arrays": ArrayRecord(client_half.state_dict()),
-                "config": ConfigRecord({"server-round": server_round, **(extra_config or {})}),
-                "splitfed": ticket.to_record(),
+                "config": ConfigRecord({"server-round": server_round}),
+                "splitfed": record,
             }
         ),
         dst_node_id=NODE,
@@ -56,12 +54,13 @@ def two_rounds(server, split, batches, *, reset_optimizer: bool) -> nn.Module:
     """Two rounds of one client, each starting from the other round's reply."""
     context, arrays = new_context(), split.client_half.state_dict()
     for server_round in (1, 2):
-        client_half = copy.deepcopy(split.client_half)
+        client = split.client_copy()
+        client_half = client.client_half
         client_half.load_state_dict(arrays)
         reply = train_client_half(
             train_message(server, server_round, client_half),
             context,
-            client_half=client_half,
+            split=client,
             train_loader=batches,
             optimizer=SGD_MOMENTUM,
             reset_optimizer=reset_optimizer,
@@ -112,7 +111,7 @@ def test_reply_is_what_flowers_fedavg_accepts(split_server_factory):
     reply = train_client_half(
         train_message(server, 1, split.client_half),
         new_context(),
-        client_half=split.client_half,
+        split=split,
         train_loader=batches,
         optimizer=SGD_MOMENTUM,
         local_epochs=2,
@@ -137,7 +136,7 @@ def test_message_from_another_strategy_is_refused_with_the_fix():
         train_client_half(
             msg,
             new_context(),
-            client_half=split.client_half,
+            split=split,
             train_loader=[],
             optimizer=SGD_MOMENTUM,
         )
@@ -149,17 +148,19 @@ def test_fedprox_term_pulls_the_client_half_towards_its_start(split_server_facto
     split = small_split()
     server = split_server_factory(copy.deepcopy(split), variant="v2")
     batches = digits_batches(0, 48, batch_size=16)
-    client_half = copy.deepcopy(split.client_half)
+    client = split.client_copy()
     reply = train_client_half(
-        train_message(server, 1, client_half, {"proximal-mu": mu}),
+        train_message(server, 1, client.client_half, proximal_mu=mu),
         new_context(),
-        client_half=client_half,
+        split=client,
         train_loader=batches,
-        optimizer=OptimizerConfig(lr=0.1),
+        optimizer=OptimizerConfig(torch.optim.SGD, lr=0.1),
     )
     reference = copy.deepcopy(split)
     start = [p.detach().clone() for p in reference.client_half.parameters()]
-    client_optimizer = OptimizerConfig(lr=0.1).build(reference.client_half.parameters())
+    client_optimizer = OptimizerConfig(torch.optim.SGD, lr=0.1).build(
+        reference.client_half.parameters()
+    )
     server_optimizer = SGD_MOMENTUM.build(reference.server_half.parameters())
     full = reference.full_model().train()
     for images, labels in batches:
@@ -182,7 +183,7 @@ def test_local_epochs_must_be_positive():
     split = small_split()
     with pytest.raises(ValueError, match="local_epochs must be at least 1"):
         run_local_epochs(
-            client_half=split.client_half,
+            split=split,
             data_plane=None,
             train_loader=[],
             optimizer=torch.optim.SGD(split.client_half.parameters(), lr=0.1),
@@ -199,7 +200,7 @@ def test_the_ticket_sets_the_data_plane_compression(split_server_factory):
         train_client_half(
             train_message(server, 1, split.client_half, compression=compression),
             new_context(),
-            client_half=copy.deepcopy(split.client_half),
+            split=split.client_copy(),
             train_loader=batches,
             optimizer=SGD_MOMENTUM,
         )

@@ -1,6 +1,7 @@
 """Configs: the optimizer of each half, the SplitFed variant, and the app's run config.
 
-``OptimizerConfig`` validates itself and reads ``client-*``/``server-*`` run-config keys;
+``OptimizerConfig`` builds any torch optimizer and checks its arguments at once; the app reads
+``client-*``/``server-*`` run-config keys into it;
 ``Variant.validate`` normalises variant names; optimizer state survives a save/load round trip;
 ``AppConfig`` reads ``[tool.flwr.app.config]``, whose values must be exactly ``AppConfig()``'s
 defaults, and refuses unknown keys, wrong types and invalid values.
@@ -20,7 +21,7 @@ import tomllib
 import torch
 from torch import nn
 
-from simulation.config import AppConfig
+from simulation.app.config import OPTIMIZERS, AppConfig, optimizer_config
 from splitfed.config import OptimizerConfig, Variant, load_optimizer_state, save_optimizer_state
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -54,93 +55,107 @@ class Unlisted:
 # OptimizerConfig
 
 
-def test_optimizer_config_defaults() -> None:
+def test_optimizer_config_defaults_to_sgd_with_lr_0_05() -> None:
     config = OptimizerConfig()
-    assert (config.name, config.lr, config.momentum, config.weight_decay) == ("sgd", 0.05, 0.0, 0.0)
+    assert config.optimizer is torch.optim.SGD and config.kwargs == {"lr": 0.05}
+    assert config.name == "SGD"
 
 
-@pytest.mark.parametrize("name", ["rmsprop", "SGD", "", "adamw"])
-def test_optimizer_config_refuses_unknown_optimizer_and_names_the_accepted_ones(name: str) -> None:
-    with pytest.raises(ValueError, match=rf"optimizer must be one of sgd, adam; got {name!r}"):
-        OptimizerConfig(name=name)
+@pytest.mark.parametrize(
+    "optimizer", [torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop]
+)
+def test_any_torch_optimizer_is_built_with_its_keyword_arguments(optimizer) -> None:
+    model = tiny_model()
+    built = OptimizerConfig(optimizer, lr=0.003, weight_decay=0.01).build(model.parameters())
+    assert type(built) is optimizer
+    (group,) = built.param_groups
+    assert (group["lr"], group["weight_decay"]) == (0.003, 0.01)
 
 
-@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan")])
-def test_optimizer_config_refuses_a_learning_rate_that_is_not_positive(lr: float) -> None:
-    with pytest.raises(ValueError, match="learning rate must be positive"):
-        OptimizerConfig(lr=lr)
+def test_a_factory_builds_the_optimizer_too() -> None:
+    def sgd_with_nesterov(params, *, lr: float):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+
+    built = OptimizerConfig(sgd_with_nesterov, lr=0.1).build(tiny_model().parameters())
+    assert built.param_groups[0]["nesterov"] is True
+    assert built.param_groups[0]["lr"] == 0.1
 
 
-@pytest.mark.parametrize(("momentum", "weight_decay"), [(-0.5, 0.0), (0.0, -1e-4)])
-def test_optimizer_config_refuses_negative_momentum_or_weight_decay(
-    momentum: float, weight_decay: float
-) -> None:
-    with pytest.raises(ValueError, match="momentum and weight decay must be >= 0"):
-        OptimizerConfig(momentum=momentum, weight_decay=weight_decay)
+@pytest.mark.parametrize(
+    ("kwargs", "complaint"),
+    [
+        ({"lr": -0.1}, "Invalid learning rate"),
+        ({"lr": 0.1, "momentum": -0.5}, "Invalid momentum"),
+        ({"lr": 0.1, "betas": (0.9, 0.99)}, "betas"),
+    ],
+)
+def test_arguments_the_optimizer_refuses_are_reported_at_once(kwargs, complaint) -> None:
+    with pytest.raises(ValueError, match=rf"OptimizerConfig\(SGD.*cannot be built: .*{complaint}"):
+        OptimizerConfig(torch.optim.SGD, **kwargs)
 
 
-def test_optimizer_config_is_frozen() -> None:
-    config = OptimizerConfig()
-    with pytest.raises(AttributeError):
-        config.lr = 1.0  # type: ignore[misc]
+def test_something_that_is_not_an_optimizer_is_refused_with_an_example() -> None:
+    with pytest.raises(TypeError, match=r"OptimizerConfig\(torch.optim.SGD, lr=0.05\)"):
+        OptimizerConfig("sgd")  # type: ignore[arg-type]
 
 
-def test_from_run_config_reads_only_keys_with_its_prefix() -> None:
+def test_optimizer_configs_compare_and_print_by_class_and_arguments() -> None:
+    config = OptimizerConfig(torch.optim.AdamW, lr=0.001, weight_decay=0.01)
+    assert config == OptimizerConfig(torch.optim.AdamW, weight_decay=0.01, lr=0.001)
+    assert config != OptimizerConfig(torch.optim.Adam, lr=0.001, weight_decay=0.01)
+    assert repr(config) == "OptimizerConfig(AdamW, lr=0.001, weight_decay=0.01)"
+
+
+# The app's optimizer keys
+
+
+def test_run_config_names_sgd_adam_and_adamw() -> None:
     run_config = {
         "client-optimizer": "adam",
         "client-lr": 0.01,
         "client-weight-decay": 0.001,
-        "server-optimizer": "sgd",
+        "server-optimizer": "ADAMW",
         "server-lr": 0.2,
-        "server-momentum": 0.8,
-        "batch-size": 16,
     }
-    client = OptimizerConfig.from_run_config(run_config, prefix="client-")
-    server = OptimizerConfig.from_run_config(run_config, prefix="server-")
-    assert client == OptimizerConfig(name="adam", lr=0.01, momentum=0.0, weight_decay=0.001)
-    assert server == OptimizerConfig(name="sgd", lr=0.2, momentum=0.8, weight_decay=0.0)
+    client = optimizer_config(run_config, prefix="client-")
+    server = optimizer_config(run_config, prefix="server-")
+    assert client == OptimizerConfig(torch.optim.Adam, lr=0.01, weight_decay=0.001)
+    assert server == OptimizerConfig(torch.optim.AdamW, lr=0.2, weight_decay=0.0)
 
 
-def test_from_run_config_without_keys_gives_the_default_or_optimizer_config() -> None:
-    default = OptimizerConfig(name="adam", lr=0.003, weight_decay=0.01)
-    assert OptimizerConfig.from_run_config({}, prefix="client-") == OptimizerConfig()
-    assert OptimizerConfig.from_run_config({}, prefix="client-", default=default) == default
-    other_side = {"server-lr": 0.9, "server-optimizer": "sgd"}
-    assert OptimizerConfig.from_run_config(other_side, prefix="client-", default=default) == default
+def test_run_config_optimizer_keys_default_from_pyproject() -> None:
+    table = app_config_table()
+    config = optimizer_config({}, prefix="client-")
+    assert config == OptimizerConfig(
+        OPTIMIZERS[table["client-optimizer"]],
+        lr=table["client-lr"],
+        momentum=table["client-momentum"],
+        weight_decay=table["client-weight-decay"],
+    )
 
 
-def test_from_run_config_keeps_absent_keys_of_the_default() -> None:
-    default = OptimizerConfig(momentum=0.9, weight_decay=0.01)
-    config = OptimizerConfig.from_run_config({"server-lr": 0.1}, prefix="server-", default=default)
-    assert config == OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
-
-
-def test_from_run_config_converts_numbers_to_float() -> None:
-    config = OptimizerConfig.from_run_config(
+def test_run_config_optimizer_keys_convert_numbers_to_float() -> None:
+    config = optimizer_config(
         {"client-lr": 1, "client-momentum": "0.5", "client-weight-decay": 0}, prefix="client-"
     )
-    assert config == OptimizerConfig(lr=1.0, momentum=0.5, weight_decay=0.0)
-    assert type(config.lr) is float and type(config.momentum) is float
-    assert type(config.weight_decay) is float
+    assert config == OptimizerConfig(torch.optim.SGD, lr=1.0, momentum=0.5, weight_decay=0.0)
+    assert all(type(value) is float for value in config.kwargs.values())
 
 
-def test_from_run_config_validates_what_it_reads() -> None:
-    with pytest.raises(ValueError, match="learning rate must be positive"):
-        OptimizerConfig.from_run_config(
-            {"client-lr": 0}, prefix="client-", default=OptimizerConfig()
-        )
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        OptimizerConfig.from_run_config({"server-optimizer": "lbfgs"}, prefix="server-")
-
-
-def test_from_run_config_refuses_a_non_number_and_names_the_key() -> None:
+def test_run_config_optimizer_keys_are_validated_and_named() -> None:
+    with pytest.raises(ValueError, match="client-lr must be positive"):
+        optimizer_config({"client-lr": 0}, prefix="client-")
+    with pytest.raises(
+        ValueError, match="server-optimizer='lbfgs' must be one of sgd, adam, adamw"
+    ):
+        optimizer_config({"server-optimizer": "lbfgs"}, prefix="server-")
     with pytest.raises(ValueError, match="client-lr"):
-        OptimizerConfig.from_run_config({"client-lr": "fast"}, prefix="client-")
+        optimizer_config({"client-lr": "fast"}, prefix="client-")
 
 
 def test_build_sgd_with_the_configured_hyper_parameters() -> None:
     model = tiny_model()
-    optimizer = OptimizerConfig(name="sgd", lr=0.2, momentum=0.7, weight_decay=0.01).build(
+    optimizer = OptimizerConfig(torch.optim.SGD, lr=0.2, momentum=0.7, weight_decay=0.01).build(
         model.parameters()
     )
     assert type(optimizer) is torch.optim.SGD
@@ -149,21 +164,9 @@ def test_build_sgd_with_the_configured_hyper_parameters() -> None:
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
 
 
-def test_build_adam_with_the_configured_hyper_parameters() -> None:
-    model = tiny_model()
-    optimizer = OptimizerConfig(name="adam", lr=0.003, momentum=0.9, weight_decay=0.02).build(
-        model.parameters()
-    )
-    assert type(optimizer) is torch.optim.Adam
-    (group,) = optimizer.param_groups
-    assert (group["lr"], group["weight_decay"]) == (0.003, 0.02)
-    assert "momentum" not in group
-    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
-
-
 def test_build_returns_a_new_optimizer_each_time() -> None:
     model = tiny_model()
-    config = OptimizerConfig(momentum=0.9)
+    config = OptimizerConfig(torch.optim.SGD, lr=0.05, momentum=0.9)
     first, second = config.build(model.parameters()), config.build(model.parameters())
     assert first is not second
     train_steps(model, first, 1)
@@ -208,7 +211,7 @@ def test_variant_constants() -> None:
 
 
 def test_sgd_momentum_buffers_survive_save_and_load_exactly() -> None:
-    config = OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.001)
+    config = OptimizerConfig(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.001)
     model = tiny_model()
     optimizer = config.build(model.parameters())
     train_steps(model, optimizer, 3)
@@ -234,7 +237,7 @@ def test_sgd_momentum_buffers_survive_save_and_load_exactly() -> None:
 
 
 def test_restored_momentum_differs_from_a_fresh_optimizer() -> None:
-    config = OptimizerConfig(lr=0.1, momentum=0.9)
+    config = OptimizerConfig(torch.optim.SGD, lr=0.1, momentum=0.9)
     model = tiny_model()
     optimizer = config.build(model.parameters())
     train_steps(model, optimizer, 3)
@@ -248,7 +251,7 @@ def test_restored_momentum_differs_from_a_fresh_optimizer() -> None:
 
 
 def test_adam_state_survives_save_and_load_exactly() -> None:
-    config = OptimizerConfig(name="adam", lr=0.01)
+    config = OptimizerConfig(torch.optim.Adam, lr=0.01)
     model = tiny_model()
     optimizer = config.build(model.parameters())
     train_steps(model, optimizer, 2)
@@ -298,8 +301,8 @@ def test_pyproject_run_config_lists_every_app_config_key() -> None:
 def test_app_config_defaults_are_valid_and_use_sgd_with_momentum() -> None:
     config = AppConfig()
     assert config.variant == Variant.V1
-    assert config.client_optimizer == OptimizerConfig(momentum=0.9)
-    assert config.server_optimizer == OptimizerConfig(momentum=0.9)
+    sgd = OptimizerConfig(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.0)
+    assert config.client_optimizer == sgd and config.server_optimizer == sgd
 
 
 def test_app_config_from_an_empty_run_config_is_the_default() -> None:
@@ -334,8 +337,10 @@ def test_app_config_reads_dashed_keys_into_fields() -> None:
 
 def test_app_config_reads_optimizer_keys_over_its_momentum_default() -> None:
     config = AppConfig.from_run_config({"client-lr": 0.2, "server-optimizer": "adam"})
-    assert config.client_optimizer == OptimizerConfig(lr=0.2, momentum=0.9)
-    assert config.server_optimizer == OptimizerConfig(name="adam", momentum=0.9)
+    assert config.client_optimizer == OptimizerConfig(
+        torch.optim.SGD, lr=0.2, momentum=0.9, weight_decay=0.0
+    )
+    assert config.server_optimizer == OptimizerConfig(torch.optim.Adam, lr=0.05, weight_decay=0.0)
 
 
 def test_app_config_refuses_unknown_keys_and_names_them() -> None:
@@ -407,8 +412,8 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
         ({"partitioner": "x"}, "partitioner='x' must be 'iid' or 'dirichlet'"),
         ({"dirichlet-alpha": 0}, "dirichlet-alpha=0.0 must be positive"),
         ({"variant": "v3"}, "variant must be one of v1, v2"),
-        ({"client-lr": -1}, "learning rate must be positive"),
-        ({"server-optimizer": "rmsprop"}, "optimizer must be one of sgd, adam"),
+        ({"client-lr": -1}, "client-lr must be positive"),
+        ({"server-optimizer": "rmsprop"}, "server-optimizer='rmsprop' must be one of"),
         ({"data-plane-compression": "zip"}, "data-plane-compression='zip' must be one of"),
         (
             {"split-server-insecure": False, "split-server-certfile": "s.crt"},
@@ -439,3 +444,20 @@ def test_app_config_reports_every_invalid_value_at_once() -> None:
 
 def test_app_config_accepts_sfl_variant_names() -> None:
     assert Variant.validate(AppConfig.from_run_config({"variant": "SFLV2"}).variant) == "v2"
+
+
+@pytest.mark.parametrize(
+    ("run_config", "key"),
+    [
+        ({"smashed-noise-multiplier": 0.5}, "smashed-clip-norm"),
+        ({"label-noise-multiplier": 1.0}, "label-private=true"),
+        ({"dp-noise-multiplier": 1.0}, "dp-max-grad-norm"),
+        ({"privacy-delta": 0.0}, "privacy-delta"),
+    ],
+)
+def test_the_librarys_privacy_errors_reach_the_app_in_run_config_keys(run_config, key) -> None:
+    with pytest.raises(ValueError) as caught:
+        AppConfig.from_run_config(run_config)
+    message = str(caught.value)
+    assert key in message
+    assert not re.search(r"\b(smashed_clip_norm|dp_max_grad_norm|server_cut|(?<!-)delta=)", message)

@@ -154,13 +154,15 @@ def test_full_model_of_the_halves_gives_exactly_the_original_output(mode: str) -
         assert torch.equal(full(batch), model(batch))
 
 
-def test_full_model_shares_parameters_with_the_halves() -> None:
-    split = split_model(small_mlp(), cut=2, sample_input=torch.randn(2, 6))
+def test_full_model_shares_parameters_with_the_halves_and_keeps_the_models_keys() -> None:
+    model = small_mlp()
+    split = split_model(model, cut=2, sample_input=torch.randn(2, 6))
     full = split.full_model()
-    assert isinstance(full, nn.Sequential)
-    assert full[0] is split.client_half and full[1] is split.server_half
+    assert list(full.state_dict()) == list(model.state_dict())
+    halves = [*split.client_half.parameters(), *split.server_half.parameters()]
+    assert [id(p) for p in full.parameters()] == [id(p) for p in halves]
     with torch.no_grad():
-        full[1][0].weight.zero_()
+        full[2].weight.zero_()
     assert torch.count_nonzero(split.server_half[0].weight) == 0
 
 
@@ -284,7 +286,7 @@ def test_cut_after_a_child_returning_a_tuple_is_refused() -> None:
 )
 def test_sample_input_without_a_batch_dimension_is_refused(sample_input: object) -> None:
     with pytest.raises(
-        CutError, match="sample_input must be a tensor with a batch dimension first"
+        CutError, match="sample_input must be a batch of the model's inputs with the batch dim"
     ):
         split_model(small_mlp(), cut=2, sample_input=sample_input)  # type: ignore[arg-type]
 

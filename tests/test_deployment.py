@@ -1,5 +1,5 @@
 """End to end on Flower's deployment engine: a real SuperLink and SuperNodes on loopback, with TLS
-and SuperNode authentication, the app run with ``flwr run`` (``simulation.deployment``).
+and SuperNode authentication, the app run with ``flwr run`` (``simulation.launch.deployment``).
 
 The training test starts and stops a whole deployment through ``run_app`` and checks that
 nothing it started is left. The refusal tests share one small deployment (one registered
@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from simulation.deployment import LocalDeployment, make_supernode_keys, run_app
-from simulation.task import partition_loader
+from simulation.app.task import partition_loader
+from simulation.launch.deployment import LocalDeployment, make_supernode_keys, run_app
 from tests.conftest import assert_none_left, cpu_seconds, marked_environment
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
-"""The certificates and SuperNode keys that ``simulation.deployment`` makes are what TLS clients
-and Flower accept (fast: no Flower process is started)."""
+"""The certificates and SuperNode keys that ``simulation.launch.deployment`` makes are what TLS
+clients and Flower accept (fast: no Flower process is started)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-from simulation.deployment import make_deployment_certificates, make_supernode_keys
+from simulation.launch.deployment import make_deployment_certificates, make_supernode_keys
 
 
 def handshake(certfile, keyfile, cafile, server_hostname: str) -> None:

@@ -73,7 +73,7 @@ def test_one_client_equals_centralized_training(variant, split_server_factory):
     split = small_split()
     reference = copy.deepcopy(split)
     # Different optimizers on the two halves: the equivalence holds for any pair.
-    server_optimizer = OptimizerConfig(name="adam", lr=0.01)
+    server_optimizer = OptimizerConfig(torch.optim.Adam, lr=0.01)
     server = split_server_factory(copy.deepcopy(split), variant=variant, optimizer=server_optimizer)
     batches = digits_batches(0, 100, batch_size=16)  # the last batch has 4 examples
     client_half = split.client_half
@@ -83,7 +83,7 @@ def test_one_client_equals_centralized_training(variant, split_server_factory):
         tokens[7],
         node_id=7,
         server_round=1,
-        client_half=client_half,
+        split=split,
         batches=batches,
         optimizer=SGD_MOMENTUM.build(client_half.parameters()),
         local_epochs=3,
@@ -169,7 +169,7 @@ def test_sflv2_applies_one_update_per_batch_from_every_client(split_server_facto
     split = small_split()
     # Adam counts its own steps per parameter: the count is the number of updates applied.
     server = split_server_factory(
-        copy.deepcopy(split), variant="v2", optimizer=OptimizerConfig(name="adam", lr=0.001)
+        copy.deepcopy(split), variant="v2", optimizer=OptimizerConfig(torch.optim.Adam, lr=0.001)
     )
     node_ids = [1, 2, 3, 4]
     batches = {

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulation.config import AppConfig
-from simulation.launch import REPO_ROOT, format_table
-from simulation.server_app import CHECKPOINT_NAME
+from simulation.app.config import AppConfig
+from simulation.app.server_app import CHECKPOINT_NAME
+from simulation.launch.flwr_cli import APP_DIR, format_table
 from splitfed.checkpoint import load_checkpoint
 from tests.conftest import (
     assert_none_left,
@@ -127,7 +127,7 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
     with marked_environment() as marker:
         first = subprocess.Popen(
             launcher(interrupted, overrides, ray_cluster.address),
-            cwd=REPO_ROOT,
+            cwd=APP_DIR,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

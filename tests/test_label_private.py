@@ -14,20 +14,19 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from simulation.task import digits_cnn
+from simulation.app.task import digits_cnn
 from splitfed import (
     CutError,
     GrpcDataPlane,
     OptimizerConfig,
     SFLV1Trainer,
+    SplitFed,
     SplitServer,
     SplitServerError,
     make_trainer,
     run_local_epochs,
-    split_label_private,
+    split_model,
 )
-from splitfed.cut import CLIENT_HEAD_PREFIX, load_client_state_dict
-from strategies import SplitFed
 from tests.conftest import SGD_MOMENTUM, digits_batches
 from tests.test_equivalence import assert_same_state, train_centrally
 
@@ -36,7 +35,7 @@ SAMPLE = torch.zeros(2, 1, 8, 8)
 
 def u_split(seed: int = 0):
     torch.manual_seed(seed)
-    return split_label_private(digits_cnn(), cut="pool", server_cut="relu3", sample_input=SAMPLE)
+    return split_model(digits_cnn(), cut="pool", server_cut="relu3", sample_input=SAMPLE)
 
 
 @pytest.fixture
@@ -61,7 +60,7 @@ def u_server_factory():
         server.stop(grace=None)
 
 
-def test_split_label_private_cuts_in_three_and_keeps_names():
+def test_a_server_cut_cuts_in_three_and_keeps_names():
     split = u_split()
     assert [n for n, _ in split.client_half.named_children()][-1] == "pool"
     assert [n for n, _ in split.server_half.named_children()] == ["flatten", "fc1", "relu3"]
@@ -76,21 +75,24 @@ def test_split_label_private_cuts_in_three_and_keeps_names():
 @pytest.mark.parametrize(
     ("cut", "server_cut"), [("relu3", "pool"), ("pool", "pool"), ("pool", "fc2"), ("pool", 99)]
 )
-def test_split_label_private_refuses_cuts_out_of_order_or_outside(cut, server_cut):
+def test_cuts_out_of_order_or_outside_are_refused(cut, server_cut):
     with pytest.raises(CutError, match="server_cut|outside"):
-        split_label_private(digits_cnn(), cut=cut, server_cut=server_cut, sample_input=SAMPLE)
+        split_model(digits_cnn(), cut=cut, server_cut=server_cut, sample_input=SAMPLE)
 
 
-def test_client_state_holds_half_and_head_with_prefixed_keys():
+def test_client_state_holds_half_and_head_under_the_models_own_keys():
     split = u_split()
     state = split.client_state_dict()
-    assert set(state) == set(split.client_half.state_dict()) | {
-        CLIENT_HEAD_PREFIX + k for k in split.client_head.state_dict()
-    }
+    assert set(state) == set(split.client_half.state_dict()) | set(split.client_head.state_dict())
+    assert set(state) == {k for k in digits_cnn().state_dict() if not k.startswith("fc1.")}
     other = u_split(seed=1)
-    load_client_state_dict(other.client_half, other.client_head, state)
+    other.load_client_state_dict(state)
     assert_same_state(other.client_half, split.client_half)
     assert_same_state(other.client_head, split.client_head)
+    assert split.client_parameters() == [
+        *split.client_half.parameters(),
+        *split.client_head.parameters(),
+    ]
 
 
 def train_unsplit_u(split, batches, *, client_optimizer, server_optimizer, epochs):
@@ -111,17 +113,14 @@ def test_one_client_label_private_equals_centralized_training(variant, u_server_
     split = u_split()
     reference = copy.deepcopy(split)
     initial_head = split.client_head.fc2.weight.detach().clone()
-    server_optimizer = OptimizerConfig(name="adam", lr=0.01)
+    server_optimizer = OptimizerConfig(torch.optim.Adam, lr=0.01)
     server = u_server_factory(copy.deepcopy(split), variant=variant, optimizer=server_optimizer)
     batches = digits_batches(0, 100, batch_size=16)  # the last batch has 4 examples
     tokens = server.open_round(1, [7])
-    optimizer = SGD_MOMENTUM.build(
-        [*split.client_half.parameters(), *split.client_head.parameters()]
-    )
+    optimizer = SGD_MOMENTUM.build(split.client_parameters())
     with GrpcDataPlane(address=server.address, node_id=7, server_round=1, token=tokens[7]) as plane:
         stats = run_local_epochs(
-            client_half=split.client_half,
-            client_head=split.client_head,
+            split=split,
             data_plane=plane,
             train_loader=batches,
             optimizer=optimizer,

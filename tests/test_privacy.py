@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from splitfed import PrivacyConfig, PrivacyConfigError, run_local_epochs
+from splitfed import PrivacyConfig, PrivacyConfigError, SplitModel, join_halves, run_local_epochs
 from splitfed.dataplane import Exchange
 from splitfed.privacy import (
     analytic_gaussian_epsilon,
@@ -48,6 +48,10 @@ def conv_halves(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return client, server
 
 
+def as_split(client: nn.Module, server: nn.Module) -> SplitModel:
+    return join_halves(client_half=client, server_half=server, sample_input=torch.zeros(2, 1, 8, 8))
+
+
 # -- clipped Gaussian noise on smashed data ------------------------------------------------------
 
 
@@ -75,7 +79,7 @@ def test_what_reaches_the_split_server_is_clipped_even_if_the_client_half_scales
     plane = LocalPlane(server)
     privacy = PrivacyConfig(smashed_clip_norm=1.0, smashed_noise_multiplier=0.0)
     run_local_epochs(
-        client_half=client,
+        split=as_split(client, server),
         data_plane=plane,
         train_loader=digits_batches(0, 64, batch_size=16),
         optimizer=torch.optim.SGD(client.parameters(), lr=0.01),
@@ -148,7 +152,7 @@ def test_nopeek_penalty_lowers_distance_correlation_of_smashed_data():
     images = torch.cat([b[0] for b in batches])
     before = float(distance_correlation(images, client(images)))
     run_local_epochs(
-        client_half=client,
+        split=as_split(client, server),
         data_plane=LocalPlane(server),
         train_loader=batches,
         optimizer=torch.optim.Adam([*client.parameters(), *server.parameters()], lr=0.01),
@@ -193,20 +197,22 @@ def test_dp_sgd_update_is_the_mean_of_clipped_per_example_gradients():
     client, server = conv_halves()
     reference = copy.deepcopy(client)
     images, labels = digits_batches(0, 8, batch_size=8)[0]
-    module, optimizer = make_client_half_private(
-        client_half=client,
-        optimizer=torch.optim.SGD(client.parameters(), lr=1.0),
-        noise_multiplier=1e-12,  # as good as none, so the update can be compared exactly
-        max_grad_norm=0.05,
-        expected_batch_size=8,
-    )
-    run_local_epochs(
-        client_half=module,
-        data_plane=LocalPlane(server),
-        train_loader=[(images, labels)],
-        optimizer=optimizer,
-    )
-    module.remove_hooks()
+    # Noise as good as none, so the update can be compared exactly.
+    privacy = PrivacyConfig(dp_noise_multiplier=1e-12, dp_max_grad_norm=0.05)
+    split = as_split(client, server)
+    with privacy.training(split, torch.optim.SGD(client.parameters(), lr=1.0), batch_size=8) as (
+        private,
+        optimizer,
+    ):
+        assert private.client_half is not client  # Opacus' per-example gradient module
+        run_local_epochs(
+            split=private,
+            data_plane=LocalPlane(server),
+            train_loader=[(images, labels)],
+            optimizer=optimizer,
+        )
+    # Leaving the block removed Opacus' hooks.
+    assert not any(m._forward_hooks or m._backward_hooks for m in client.modules())
 
     clipped_sum = [torch.zeros_like(p) for p in reference.parameters()]
     for i in range(8):
@@ -231,9 +237,9 @@ def test_dp_sgd_update_is_the_mean_of_clipped_per_example_gradients():
 @pytest.mark.parametrize(
     ("config", "kwargs", "fix"),
     [
-        (PrivacyConfig(smashed_noise_multiplier=0.5), {}, "smashed-clip-norm"),
-        (PrivacyConfig(label_noise_multiplier=1.0), {}, "label-private=true"),
-        (PrivacyConfig(dp_noise_multiplier=1.0), {}, "dp-max-grad-norm"),
+        (PrivacyConfig(smashed_noise_multiplier=0.5), {}, "smashed_clip_norm"),
+        (PrivacyConfig(label_noise_multiplier=1.0), {}, "server_cut"),
+        (PrivacyConfig(dp_noise_multiplier=1.0), {}, "dp_max_grad_norm"),
         (
             PrivacyConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=1.0, grad_sample_mode="ghost"),
             {},
@@ -252,7 +258,7 @@ def test_dp_sgd_update_is_the_mean_of_clipped_per_example_gradients():
         (
             PrivacyConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=1.0, nopeek_weight=1.0),
             {},
-            "nopeek-weight",
+            "nopeek_weight",
         ),
         (
             PrivacyConfig(dp_noise_multiplier=1.0, dp_max_grad_norm=1.0),

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from simulation.config import AppConfig
-from simulation.task import digits_split, partition_loader, round_shuffle_seed
+from simulation.app.config import AppConfig
+from simulation.app.task import digits_split, partition_loader, round_shuffle_seed
 from tests.conftest import client_app_actors
 
 pytestmark = pytest.mark.slow

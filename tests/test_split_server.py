@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from splitfed import GrpcDataPlane, SplitServerError
-from splitfed.server import TRAIN_METHOD, round_token
+from splitfed.protocol import STREAM_METHOD, round_token
 from splitfed.wire import Frame, FrameKind, decode_frame, encode_frame
 from tests.conftest import SGD_MOMENTUM, digits_batches, small_split, train_through
 
@@ -33,15 +33,15 @@ def good_batch(split, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_other_client_still_served(server, tokens, split, server_round: int = 1) -> None:
-    client_half = copy.deepcopy(split.client_half)
+    client = split.client_copy()
     stats = train_through(
         server,
         tokens[OTHER],
         node_id=OTHER,
         server_round=server_round,
-        client_half=client_half,
+        split=client,
         batches=digits_batches(0, 32, batch_size=16),
-        optimizer=SGD_MOMENTUM.build(client_half.parameters()),
+        optimizer=SGD_MOMENTUM.build(client.client_parameters()),
     )
     assert stats.steps == 2 and stats.num_examples == 32
 
@@ -127,7 +127,10 @@ CREDENTIAL_CASES = {
         lambda server, tokens: {"token": tokens[OTHER]},
         "not valid for this run",
     ),
-    "last round's token": (next_round, "not selected for round 1 (current round: 2)"),
+    "last round's token": (
+        next_round,
+        "not selected for the train of round 1 (now: the train of round 2)",
+    ),
 }
 
 
@@ -156,7 +159,7 @@ def test_stream_without_a_valid_credential_is_refused_and_logged(case, served, c
 def test_stream_without_credential_metadata_is_refused(served):
     server, tokens, split = served
     channel = grpc.insecure_channel(server.address)
-    call = channel.stream_stream(TRAIN_METHOD)
+    call = channel.stream_stream(STREAM_METHOD)
     activations, labels = good_batch(split)
     request = encode_frame(
         Frame(FrameKind.FORWARD, 1, tensors={"activations": activations, "labels": labels})
@@ -172,7 +175,7 @@ def test_stream_without_credential_metadata_is_refused(served):
 def test_garbage_bytes_get_an_error_frame(served):
     server, tokens, split = served
     channel = grpc.insecure_channel(server.address)
-    call = channel.stream_stream(TRAIN_METHOD)
+    call = channel.stream_stream(STREAM_METHOD)
     metadata = (
         ("splitfed-node-id", str(NODE)),
         ("splitfed-round", "1"),

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from simulation.certificates import make_certificates
+from simulation.launch.certificates import make_certificates
 from splitfed import (
     GrpcDataPlane,
     SplitServer,
@@ -46,15 +46,15 @@ def tls_server(certificates):
 
 
 def train_two_steps(server, token, split, **plane_options):
-    client_half = copy.deepcopy(split.client_half)
+    client = split.client_copy()
     with GrpcDataPlane(
         address=server.address, node_id=NODE, server_round=1, token=token, **plane_options
     ) as plane:
         return run_local_epochs(
-            client_half=client_half,
+            split=client,
             data_plane=plane,
             train_loader=digits_batches(0, 32, batch_size=16),
-            optimizer=SGD_MOMENTUM.build(client_half.parameters()),
+            optimizer=SGD_MOMENTUM.build(client.client_parameters()),
             local_epochs=1,
         )
 

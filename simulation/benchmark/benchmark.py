@@ -42,11 +42,11 @@ from splitfed import (
     SplitServer,
     make_trainer,
 )
-from splitfed.server import METADATA_NODE, METADATA_ROUND, METADATA_TOKEN, TRAIN_METHOD
+from splitfed.protocol import METADATA_NODE, METADATA_ROUND, METADATA_TOKEN, STREAM_METHOD
 from splitfed.wire import COMPRESSIONS, Frame, FrameKind, encode_frame
 
-from .bench_clients import OPTIMIZER, client_process, per_message_client_app
-from .bench_models import WORKLOADS, Workload, batches, synthetic_partition
+from .clients import OPTIMIZER, client_process, per_message_client_app
+from .models import WORKLOADS, Workload, batches, synthetic_partition
 
 __all__ = ["main"]
 
@@ -55,7 +55,7 @@ def _context() -> mp.context.BaseContext:
     # Client processes fork from a server process that has imported torch once: they start in
     # a fraction of a second, without the parent's threads.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "simulation.bench_clients"])
+    ctx.set_forkserver_preload(["torch", "simulation.benchmark.clients"])
     return ctx
 
 
@@ -409,7 +409,7 @@ def measure_scaling(
     server_threads: int | None = None,
 ) -> dict[int, float]:
     """SFLV1 server throughput (batches/s) for each number of concurrent sending clients."""
-    from .bench_load import stream_batches  # noqa: PLC0415
+    from .load import stream_batches  # noqa: PLC0415
 
     split = workload.split()
     activations = torch.randn(workload.batch_size, *split.activation_shape)
@@ -452,7 +452,7 @@ def measure_scaling(
                     args=(child,),
                     kwargs={
                         "address": server.address,
-                        "method": TRAIN_METHOD,
+                        "method": STREAM_METHOD,
                         "metadata": metadata,
                         "header": header,
                         "payload": payload,

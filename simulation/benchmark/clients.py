@@ -11,11 +11,11 @@ from torch import nn
 
 from splitfed import GrpcDataPlane, OptimizerConfig, run_local_epochs
 
-from .bench_models import WORKLOADS, batches, synthetic_partition
+from .models import WORKLOADS, batches, synthetic_partition
 
 __all__ = ["OPTIMIZER", "client_process", "per_message_client_app"]
 
-OPTIMIZER = OptimizerConfig(name="sgd", lr=0.01, momentum=0.9)
+OPTIMIZER = OptimizerConfig(torch.optim.SGD, lr=0.01, momentum=0.9)
 
 
 def client_process(
@@ -25,7 +25,8 @@ def client_process(
     sends the client half back. Ends on ``None``."""
     torch.set_num_threads(1)
     workload = WORKLOADS[workload_name]
-    client_half = workload.split().client_half
+    split = workload.split()
+    client_half = split.client_half
     inputs, labels = synthetic_partition(workload, client=client, samples=samples)
     data = batches(inputs, labels, workload.batch_size)
     conn.send("ready")
@@ -41,7 +42,7 @@ def client_process(
             compression=compression,
         ) as plane:
             stats = run_local_epochs(
-                client_half=client_half, data_plane=plane, train_loader=data, optimizer=optimizer
+                split=split, data_plane=plane, train_loader=data, optimizer=optimizer
             )
         conn.send((client_half.state_dict(), stats.num_examples, stats.steps, stats.seconds))
 

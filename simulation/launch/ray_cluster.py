@@ -1,6 +1,6 @@
 """A Ray cluster of several nodes on this machine, to run the simulation attached to a cluster.
 
-    python -m simulation.ray_cluster --nodes 3 --cpus-per-node 1
+    python -m simulation.launch.ray_cluster --nodes 3 --cpus-per-node 1
 
 starts a head node and two more nodes (each its own ``ray start`` with its own resources), prints
 the head's address, and stops them all on Ctrl-C. Run the app on it with
@@ -8,9 +8,9 @@ the head's address, and stops them all on Ctrl-C. Run the app on it with
     python -m simulation.launch --ray-address <that address>
 
 which is what a lab does with its own cluster: only the address changes. Each node runs under the
-supervisor of :mod:`simulation.processes`, so stopping it stops every Ray process it started, and
-the cluster keeps its files (and its ``ray_current_cluster`` marker) in a temp folder of its own,
-so a cluster that was killed never confuses a later ``ray.init()``.
+supervisor of :mod:`simulation.launch.processes`, so stopping it stops every Ray process it
+started, and the cluster keeps its files (and its ``ray_current_cluster`` marker) in a temp folder
+of its own, so a cluster that was killed never confuses a later ``ray.init()``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from .processes import descendants, die_with_parent, free_port
+from .processes import descendants, free_port, spawn_supervised, stop_supervised
 
 __all__ = ["LocalRayCluster", "RayNode"]
 
@@ -138,14 +139,7 @@ class LocalRayCluster:
             "--disable-usage-stats",
             "--block",
         ]
-        with open(log_path, "wb") as log_file:
-            supervisor = subprocess.Popen(
-                [sys.executable, "-m", "simulation.processes", *command],
-                cwd=Path(__file__).resolve().parent.parent,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )
+        supervisor = spawn_supervised(command, env=dict(os.environ), log_path=log_path)
         self._supervisors.append(supervisor)
         deadline = time.monotonic() + self.start_timeout
         while _STARTED not in log_path.read_text(errors="replace"):
@@ -184,11 +178,7 @@ class LocalRayCluster:
         for supervisor in self._supervisors:
             supervisor.send_signal(signal.SIGTERM)
         for supervisor in self._supervisors:
-            try:
-                supervisor.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                supervisor.kill()
-                supervisor.wait()
+            stop_supervised(supervisor)
         self._supervisors.clear()
         if self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
@@ -209,7 +199,7 @@ class LocalRayCluster:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.ray_cluster",
+        prog="python -m simulation.launch.ray_cluster",
         description="Start a Ray cluster of several nodes on this machine; Ctrl-C stops it.",
     )
     parser.add_argument("--nodes", type=int, default=2, help="nodes, head included (default: 2)")

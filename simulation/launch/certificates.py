@@ -1,6 +1,6 @@
 """Make a private CA and TLS certificates for the SuperLink and the split server.
 
-    python -m simulation.certificates --out certs --host 10.0.0.5 --host server.lab
+    python -m simulation.launch.certificates --out certs --host 10.0.0.5 --host server.lab
 
 writes ``ca.crt``/``ca.key`` and, signed by that CA, ``server.crt``/``server.key`` valid for
 ``localhost``, ``127.0.0.1`` and every ``--host``. One certificate serves both planes when the
@@ -162,7 +162,7 @@ def issue_certificate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.certificates",
+        prog="python -m simulation.launch.certificates",
         description="Make a private CA and a server certificate signed by it.",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for the PEM files")

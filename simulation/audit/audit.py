@@ -45,9 +45,9 @@ from splitfed import (
     make_trainer,
     run_local_epochs,
 )
-from splitfed.privacy import distance_correlation, make_client_half_private
+from splitfed.privacy import distance_correlation
 
-from .task import digits_label_private_split, digits_split, load_digits_split
+from ..app.task import digits_split, load_digits_split
 
 __all__ = [
     "AuditRun",
@@ -58,7 +58,7 @@ __all__ = [
     "reconstruction_metrics",
 ]
 
-OPTIMIZER = OptimizerConfig(name="sgd", lr=0.05, momentum=0.9)
+OPTIMIZER = OptimizerConfig(torch.optim.SGD, lr=0.05, momentum=0.9)
 CLIP_NORM = 1.0
 """The clip norm of the smashed-data noise defense; the noise is ``sigma * CLIP_NORM``."""
 
@@ -251,37 +251,29 @@ def _train(split, defense: Defense, images, labels, *, epochs: int, seed: int):
             generator=torch.Generator().manual_seed(seed),
         )
     )
-    head = split.client_head if label_private else None
-    parameters = [*split.client_half.parameters(), *(head.parameters() if head else [])]
-    optimizer = OPTIMIZER.build(parameters)
-    module = split.client_half
-    if privacy.dp_sgd:
-        module, optimizer = make_client_half_private(
-            client_half=split.client_half,
-            optimizer=optimizer,
-            noise_multiplier=privacy.dp_noise_multiplier,
-            max_grad_norm=privacy.dp_max_grad_norm,
-            expected_batch_size=16,
-        )
+    optimizer = OPTIMIZER.build(split.client_parameters())
     with server:
         tokens = server.open_round(1, [1])
-        with GrpcDataPlane(
-            address=server.address, node_id=1, server_round=1, token=tokens[1]
-        ) as plane:
+        with (
+            GrpcDataPlane(
+                address=server.address, node_id=1, server_round=1, token=tokens[1]
+            ) as plane,
+            privacy.training(split, optimizer, batch_size=loader.batch_size) as (
+                trained,
+                step_optimizer,
+            ),
+        ):
             recorder = _Recorder(plane)
             run_local_epochs(
-                client_half=module,
+                split=trained,
                 data_plane=recorder,
                 train_loader=loader,
-                optimizer=optimizer,
+                optimizer=step_optimizer,
                 local_epochs=epochs,
-                client_head=head,
                 privacy=privacy,
                 generator=torch.Generator().manual_seed(seed + 1),
             )
         server.close_round()
-    if module is not split.client_half:
-        module.remove_hooks()
     return privacy, recorder, loader
 
 
@@ -345,7 +337,7 @@ def audit_one(
     images, labels = data.train_images[private], data.train_labels[private]
     torch.manual_seed(seed)
     if defense.label_private:
-        split = digits_label_private_split(cut=cut, server_cut="relu3")
+        split = digits_split(cut=cut, server_cut="relu3")
     else:
         split = digits_split(cut=cut)
     privacy, recorder, loader = _train(split, defense, images, labels, epochs=epochs, seed=seed)

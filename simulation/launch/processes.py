@@ -1,12 +1,12 @@
 """Start Flower's processes so that none outlives the launcher, however it ends.
 
 Flower's SuperLink starts its executor in a new session, and the executor starts the simulation
-process and a Ray cluster below it; killing one process group misses most of them, and orphans
-are re-parented to init. So the SuperLink runs under a small supervisor (``python -m
-simulation.processes CMD...``) that makes itself a child subreaper, so every orphan of the tree
-lands under it, and asks the kernel to signal it when the launcher dies. On SIGTERM, or on the
-launcher's death, the supervisor terminates every descendant, waits, and kills what is left.
-Linux only (``prctl``); elsewhere the supervisor still cleans up what it can see.
+process and a Ray cluster below it; killing one process group misses most of them, and orphans are
+re-parented to init. So the SuperLink runs under a small supervisor (``python -m
+simulation.launch.processes CMD...``) that makes itself a child subreaper, so every orphan of the
+tree lands under it, and asks the kernel to signal it when the launcher dies. On SIGTERM, or on the
+launcher's death, the supervisor terminates every descendant, waits, and kills what is left. Linux
+only (``prctl``); elsewhere the supervisor still cleans up what it can see.
 """
 
 from __future__ import annotations
@@ -20,8 +20,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-__all__ = ["descendants", "die_with_parent", "free_port", "kill_descendants", "supervise"]
+__all__ = [
+    "descendants",
+    "die_with_parent",
+    "free_port",
+    "kill_descendants",
+    "spawn_supervised",
+    "stop_supervised",
+    "supervise",
+]
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -126,6 +135,33 @@ def supervise(command: list[str]) -> int:
     child.poll()
     returncode = _exit_codes.get(child.pid, child.returncode)
     return returncode if returncode is not None else 0
+
+
+def spawn_supervised(
+    command: list[str], *, env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` under a supervisor (see the module's docstring), its output to
+    ``log_path``; return the supervisor, which exits with the command's exit code."""
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", __name__, *command],
+            cwd=Path(__file__).resolve().parents[2],  # where `simulation` is importable
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+
+
+def stop_supervised(supervisor: subprocess.Popen[bytes], *, grace: float = 30.0) -> None:
+    """Ask a supervisor to stop its whole tree; kill it if it has not after ``grace`` seconds."""
+    if supervisor.poll() is None:
+        supervisor.send_signal(signal.SIGTERM)
+    try:
+        supervisor.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        supervisor.kill()
+        supervisor.wait()
 
 
 if __name__ == "__main__":

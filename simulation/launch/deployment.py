@@ -1,16 +1,16 @@
 """Run the app on Flower's deployment engine on this machine, with TLS and SuperNode authentication.
 
-    python -m simulation.deployment [--num-supernodes 2] [--run-config "num-server-rounds=5"]
+    python -m simulation.launch.deployment [--num-supernodes 2] [--run-config "num-server-rounds=5"]
 
 :class:`LocalDeployment` does on loopback what a real deployment does across machines: it makes a
 certificate authority and certificates (for the SuperLink and for the split server), starts a
 ``flower-superlink`` that serves TLS and admits only registered SuperNodes, makes an EC key pair
 for each SuperNode, registers the public keys with ``flwr supernode register``, and starts the
-``flower-supernode`` processes, each with its own data partition. :meth:`LocalDeployment.run`
-runs the app with ``flwr run ... --stream`` over a connection that verifies the SuperLink with the
-CA certificate, and returns a :class:`~simulation.launch.LaunchResult`. Every process runs under
-the supervisor of :mod:`simulation.processes`, and leaving the ``with`` block stops them all, also
-on failure or Ctrl-C.
+``flower-supernode`` processes, each with its own data partition. :meth:`LocalDeployment.run` runs
+the app with ``flwr run ... --stream`` over a connection that verifies the SuperLink with the CA
+certificate, and returns a :class:`~simulation.launch.flwr_cli.LaunchResult`. Every process runs
+under the supervisor of :mod:`simulation.launch.processes`, and leaving the ``with`` block stops
+them all, also on failure or Ctrl-C.
 
 Flower 1.41 serves the Fleet, Control and ServerAppIo APIs of the SuperLink on one HTTPS port
 (``--host``/``--port``, default 8000); see ``docs/deployment.md``.
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -37,18 +35,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .certificates import issue_certificate, make_certificates
-from .launch import (
-    REPO_ROOT,
+from .flwr_cli import (
+    APP_DIR,
     LaunchResult,
-    _config_args,
-    _flwr_run,
-    _read_metrics,
-    _wait_healthy,
     add_run_arguments,
+    config_args,
+    default_output_dir,
+    flower_env,
+    flwr_run,
     parse_run_config,
+    read_metrics,
     report,
+    wait_healthy,
 )
-from .processes import descendants, die_with_parent, free_port
+from .processes import descendants, free_port, spawn_supervised, stop_supervised
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -287,14 +287,7 @@ class LocalDeployment:
     def stop(self) -> None:
         """Stop every process this deployment started (SuperNodes first, then the SuperLink)."""
         for process in reversed(self._processes):
-            if process.supervisor.poll() is None:
-                process.supervisor.send_signal(signal.SIGTERM)
-        for process in reversed(self._processes):
-            try:
-                process.supervisor.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.supervisor.kill()
-                process.supervisor.wait()
+            stop_supervised(process.supervisor)
         self._processes.clear()
         if self._own_work_dir and self.work_dir is not None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -308,14 +301,7 @@ class LocalDeployment:
 
     def env(self, home: Path | None = None) -> dict[str, str]:
         """The environment of Flower's processes, with ``FLWR_HOME`` set to ``home``."""
-        env = dict(
-            os.environ,
-            FLWR_HOME=str(home or self.home),
-            FLWR_TELEMETRY_ENABLED="0",
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PATH=f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
+        env = flower_env(home or self.home)
         for name in ("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "RAY_ADDRESS"):
             env.pop(name, None)
         return env
@@ -345,15 +331,7 @@ class LocalDeployment:
 
     def _spawn(self, name: str, command: list[str], *, home: Path) -> _Process:
         log_path = self.logs / f"{name}.log"
-        with open(log_path, "wb") as log_file:
-            supervisor = subprocess.Popen(
-                [sys.executable, "-m", "simulation.processes", *command],
-                cwd=REPO_ROOT,
-                env=self.env(home),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )
+        supervisor = spawn_supervised(command, env=self.env(home), log_path=log_path)
         process = _Process(name=name, supervisor=supervisor, log_path=log_path)
         self._processes.append(process)
         if self.echo:
@@ -390,7 +368,7 @@ class LocalDeployment:
             if self.certificates
             else None
         )
-        _wait_healthy(
+        wait_healthy(
             self.port, superlink.supervisor, superlink.log_path, self.start_timeout, tls=context
         )
 
@@ -526,7 +504,7 @@ class LocalDeployment:
         output_dir: Path | None = None,
         timeout: float = 1800.0,
         echo: bool = True,
-        app_dir: Path = REPO_ROOT,
+        app_dir: Path = APP_DIR,
     ) -> LaunchResult:
         """Run the Flower app in ``app_dir`` with ``flwr run`` and wait for it to end.
 
@@ -536,8 +514,9 @@ class LocalDeployment:
             Run-config overrides (``--run-config``); the split server's TLS keys and
             ``output-dir`` are added.
         output_dir : Path | None (default: None)
-            Where the ServerApp writes ``model.pt`` and ``metrics.json``, and where the
-            processes' logs are copied; ``None`` means a new folder under ``outputs/``.
+            Where the ServerApp writes ``model.pt``, ``metrics.json`` and ``metrics.png``, and
+            where the processes' logs are copied; ``None`` means a new folder under
+            ``./outputs/``.
         timeout : float (default: 1800.0)
             Seconds before the run is stopped.
         echo : bool (default: True)
@@ -546,7 +525,7 @@ class LocalDeployment:
             The Flower app to run.
         """
         if output_dir is None:
-            output_dir = REPO_ROOT / "outputs" / time.strftime("%Y%m%d-%H%M%S")
+            output_dir = default_output_dir()
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
         # The split server's TLS keys, for apps that have them (this repository's app does).
@@ -563,9 +542,8 @@ class LocalDeployment:
         started = time.monotonic()
         lines: list[str] = []
         try:
-            status, details, run_id = _flwr_run(
-                [str(app_dir), CONNECTION, "--stream", "--run-config", _config_args(config)],
-                bin_dir=self.bin_dir,
+            status, details, run_id = flwr_run(
+                [str(app_dir), CONNECTION, "--stream", "--run-config", config_args(config)],
                 env=self.env(),
                 timeout=timeout,
                 echo=echo,
@@ -581,7 +559,7 @@ class LocalDeployment:
             run_id=run_id,
             seconds=time.monotonic() - started,
             output_dir=output_dir,
-            metrics=_read_metrics(output_dir),
+            metrics=read_metrics(output_dir),
             log="".join(lines),
         )
 
@@ -602,7 +580,7 @@ def run_app(
     work_dir: Path | None = None,
     timeout: float = 1800.0,
     echo: bool = True,
-    app_dir: Path = REPO_ROOT,
+    app_dir: Path = APP_DIR,
 ) -> LaunchResult:
     """Start a :class:`LocalDeployment`, run the app on it, stop it, and return how the run ended.
 
@@ -630,7 +608,7 @@ def run_app(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulation.deployment",
+        prog="python -m simulation.launch.deployment",
         description=(
             "Run the SplitFed digits app with `flwr run` on Flower's deployment engine on this "
             "machine: a SuperLink and SuperNodes with TLS and SuperNode authentication."

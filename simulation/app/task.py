@@ -17,13 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from splitfed import LabelPrivateSplit, SplitModel, split_label_private, split_model
+from splitfed import SplitModel, split_model
 
 __all__ = [
     "DigitsData",
     "round_shuffle_seed",
     "digits_cnn",
-    "digits_label_private_split",
     "digits_split",
     "evaluate_model",
     "load_digits_split",
@@ -64,19 +63,13 @@ def digits_cnn(*, batch_norm: bool = False) -> nn.Sequential:
     )
 
 
-def digits_split(*, cut: int | str = "pool", batch_norm: bool = False) -> SplitModel:
-    """The digits CNN cut at ``cut`` (by default right after its convolutional block)."""
+def digits_split(
+    *, cut: int | str = "pool", server_cut: int | str | None = None, batch_norm: bool = False
+) -> SplitModel:
+    """The digits CNN cut at ``cut`` (by default right after its convolutional block). With a
+    ``server_cut`` (e.g. ``"relu3"``), the label-private split: the client keeps the layers
+    after it (``fc2``) and the loss."""
     return split_model(
-        digits_cnn(batch_norm=batch_norm), cut=cut, sample_input=torch.zeros(2, *IMAGE_SHAPE)
-    )
-
-
-def digits_label_private_split(
-    *, cut: int | str = "pool", server_cut: int | str = "relu3", batch_norm: bool = False
-) -> LabelPrivateSplit:
-    """The digits CNN cut in three for the label-private split: by default the client keeps the
-    convolutional block and the last linear layer (``fc2``) with the loss."""
-    return split_label_private(
         digits_cnn(batch_norm=batch_norm),
         cut=cut,
         server_cut=server_cut,
@@ -124,8 +117,10 @@ def partition_indices(
     alpha: float = 0.5,
     seed: int = 0,
     test_fraction: float = 0.2,
+    subset: str = "train",
 ) -> tuple[tuple[int, ...], ...]:
-    """Split the training set's indices among ``num_partitions`` clients with flwr-datasets.
+    """Split the ``subset`` ("train" or "test") indices among ``num_partitions`` clients with
+    flwr-datasets.
 
     ``partitioner`` is ``"iid"`` (IidPartitioner) or ``"dirichlet"`` (DirichletPartitioner over
     the labels with concentration ``alpha``; smaller is more skewed).
@@ -134,10 +129,11 @@ def partition_indices(
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     data = load_digits_split(test_fraction=test_fraction, seed=seed)
-    n = len(data.train_labels)
+    labels = data.train_labels if subset == "train" else data.test_labels
+    n = len(labels)
     if not 1 <= num_partitions <= n:
         raise ValueError(f"num-partitions must be between 1 and {n}; got {num_partitions}")
-    table = Dataset.from_dict({"index": list(range(n)), "label": data.train_labels.tolist()})
+    table = Dataset.from_dict({"index": list(range(n)), "label": labels.tolist()})
     if partitioner == "iid":
         part: Any = IidPartitioner(num_partitions=num_partitions)
     elif partitioner == "dirichlet":
@@ -164,8 +160,10 @@ def partition_loader(
     seed: int = 0,
     shuffle_seed: int | None = None,
     test_fraction: float = 0.2,
+    subset: str = "train",
 ) -> DataLoader:
-    """The training batches of one client. ``shuffle_seed=None`` keeps the partition's order."""
+    """The batches of one client's share of ``subset`` ("train", or "test" for federated
+    evaluation). ``shuffle_seed=None`` keeps the partition's order."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the node's "
@@ -179,10 +177,16 @@ def partition_loader(
             alpha=alpha,
             seed=seed,
             test_fraction=test_fraction,
+            subset=subset,
         )[partition_id],
         dtype=torch.long,
     )
-    dataset = TensorDataset(data.train_images[indices], data.train_labels[indices])
+    images, labels = (
+        (data.train_images, data.train_labels)
+        if subset == "train"
+        else (data.test_images, data.test_labels)
+    )
+    dataset = TensorDataset(images[indices], labels[indices])
     generator = None
     if shuffle_seed is not None:
         generator = torch.Generator().manual_seed(shuffle_seed)

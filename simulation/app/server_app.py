@@ -1,0 +1,170 @@
+"""The ServerApp: SplitFed on the configured task, evaluated centrally and on the clients."""
+
+from __future__ import annotations
+
+import json
+import random
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
+from flwr.supercore import log
+
+from splitfed import CheckpointConfig, SplitFed, SplitFedResult, TLSCredentials
+
+from .config import AppConfig
+from .plots import plot_run
+from .task import digits_split, evaluate_model, load_digits_split
+
+app = ServerApp()
+
+CHECKPOINT_NAME = "checkpoint.pt"
+"""Written to ``output-dir`` after every merged round; a run with the same output folder and
+run config resumes from it."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run SplitFed for ``num-server-rounds`` rounds and report the merged model's accuracy."""
+    config = AppConfig.from_run_config(context.run_config)
+    # The app seeds the process: its model's initial weights and Flower's client sampling
+    # (Python's `random`) follow the run config's seed.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+
+    data = load_digits_split(test_fraction=config.test_fraction, seed=config.seed)
+    split = digits_split(
+        cut=config.cut,
+        server_cut=config.server_cut if config.label_private else None,
+        batch_norm=config.batch_norm,
+    )
+    device = config.resolved_server_device()
+    output_dir = Path(config.output_dir) if config.output_dir else None
+    strategy = SplitFed(
+        split=split,
+        variant=config.variant,
+        server_optimizer=config.server_optimizer,
+        aggregator=make_aggregator(config),
+        merge_every=config.merge_every,
+        split_server_address=config.split_server_address,
+        advertised_address=config.split_server_advertised_address or None,
+        tls=None
+        if config.split_server_insecure
+        else TLSCredentials.from_files(
+            certfile=config.split_server_certfile,
+            keyfile=config.split_server_keyfile,
+            ca_certfile=config.split_server_ca_certfile,
+        ),
+        insecure=config.split_server_insecure,
+        device=device,
+        data_plane_compression=config.data_plane_compression,
+        max_failed_rounds=config.max_failed_rounds,
+        # SFLV1 serves concurrent clients in parallel: one core each beats all fighting over all.
+        server_threads=1 if config.variant == "v1" and device == "cpu" else None,
+        checkpoint=CheckpointConfig(
+            path=output_dir / CHECKPOINT_NAME,
+            fingerprint=config.fingerprint(),
+            global_rng=True,  # a resumed run samples the clients an uninterrupted one would
+        )
+        if output_dir
+        else None,
+    )
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = strategy.global_model(arrays)
+        loss, accuracy = evaluate_model(model, data.test_images, data.test_labels)
+        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(split.client_state_dict()),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        evaluate_fn=evaluate,
+    )
+    final = result.evaluate_metrics_serverapp[config.num_server_rounds]
+    log(
+        INFO,
+        "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of SFL%s",
+        final["test-accuracy"],
+        final["test-loss"],
+        config.num_server_rounds,
+        config.variant.upper(),
+    )
+    if output_dir is not None:
+        save_result(
+            output_dir,
+            result,
+            strategy.global_model(result.arrays),
+            title=f"SFL{config.variant.upper()} on digits",
+        )
+
+
+def make_aggregator(config: AppConfig) -> Strategy:
+    """The Flower strategy that selects clients, merges client halves and aggregates the
+    clients' evaluation metrics."""
+    sampling = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": config.min_train_nodes,
+        "min_evaluate_nodes": config.min_evaluate_nodes,
+        "min_available_nodes": max(config.min_train_nodes, config.min_evaluate_nodes),
+    }
+    if config.aggregator == "fedprox":
+        return FedProx(**sampling, proximal_mu=config.proximal_mu)
+    if config.aggregator == "fedmedian":
+        return FedMedian(**sampling)
+    return FedAvg(**sampling)
+
+
+def run_history(result: SplitFedResult) -> dict[int, dict[str, float]]:
+    """Per round: what crossed the data plane, the central and federated evaluation, and the
+    clients' training metrics (``train-`` keys)."""
+    return {
+        server_round: {
+            **dict(result.round_metrics[server_round]),
+            **dict(result.evaluate_metrics_serverapp.get(server_round, {})),
+            **{
+                f"federated-{key}": value
+                for key, value in dict(
+                    result.evaluate_metrics_clientapp.get(server_round, {})
+                ).items()
+            },
+            **{
+                key if key.startswith("train-") else f"train-{key}": value
+                for key, value in dict(result.train_metrics_clientapp.get(server_round, {})).items()
+            },
+        }
+        for server_round in sorted(result.round_metrics)
+    }
+
+
+def save_result(
+    output_dir: Path, result: SplitFedResult, model: torch.nn.Module, *, title: str
+) -> None:
+    """Write the final model (``model.pt``: its ``state_dict``, the original model's keys), the
+    per-round metrics (``metrics.json``) and their picture (``metrics.png``)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), output_dir / "model.pt")
+    history = run_history(result)
+    (output_dir / "metrics.json").write_text(
+        json.dumps({str(r): values for r, values in history.items()}, indent=2)
+    )
+    picture = plot_run(
+        history,
+        output_dir / "metrics.png",
+        initial=result.evaluate_metrics_serverapp.get(0),
+        title=title,
+    )
+    log(
+        INFO,
+        "[SplitFed] wrote %s, %s and %s",
+        output_dir / "model.pt",
+        output_dir / "metrics.json",
+        picture,
+    )

@@ -1,0 +1,8 @@
+"""``python -m simulation.audit``."""
+
+import sys
+
+from .audit import main
+
+main()
+sys.exit(0)

@@ -1,0 +1,2 @@
+"""How fast SplitFed is, measured against baselines in the same process:
+``python -m simulation.benchmark``."""

@@ -1,0 +1,7 @@
+"""``python -m simulation.benchmark``."""
+
+import sys
+
+from .benchmark import main
+
+sys.exit(main())
