@@ -53,7 +53,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, weights_only=True)
+        state: dict[str, Any] = torch.load(path, weights_only=True)
+        return state
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(
             f"cannot read the checkpoint {path}: {err}. Move it away to start the run afresh"

@@ -211,7 +211,7 @@ def _epsilons(
         return {}
     # Each example is sent once per local epoch and takes part in one DP-SGD step per epoch.
     seen = context.state.config_records.get(STATE_PRIVACY_KEY)
-    epochs = local_epochs + (int(seen["epochs"]) if seen is not None else 0)  # type: ignore[call-overload]
+    epochs = local_epochs + (int(seen["epochs"]) if seen is not None else 0)  # type: ignore[arg-type]
     context.state[STATE_PRIVACY_KEY] = ConfigRecord({"epochs": epochs})
     return privacy.epsilons(releases=epochs, dp_steps=epochs)
 

@@ -120,8 +120,8 @@ class SplitModel:
     def client_copy(self) -> SplitModel:
         """A copy with its own client parts (the server half is shared, not copied): one per
         client when several clients are simulated in one process."""
-        copies = copy.deepcopy([self.client_half, self.client_head])
-        return dataclasses.replace(self, client_half=copies[0], client_head=copies[1], model=None)
+        half, head = copy.deepcopy((self.client_half, self.client_head))
+        return dataclasses.replace(self, client_half=half, client_head=head, model=None)
 
     def full_model(self) -> nn.Module:
         """The unsplit model, sharing the parts' parameters.

@@ -352,7 +352,8 @@ def protect_output_gradient(
         flat.device
     )
     std = noise_multiplier * target / flat.shape[1] ** 0.5
-    return (rescaled + noise * std).view_as(gradient)
+    protected: torch.Tensor = (rescaled + noise * std).view_as(gradient)
+    return protected
 
 
 def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -494,4 +495,7 @@ def make_client_half_private(
 def _ew_module(client_half: nn.Module) -> nn.Module:
     from opacus.grad_sample import GradSampleModuleExpandedWeights
 
-    return GradSampleModuleExpandedWeights(client_half, batch_first=True, loss_reduction="mean")
+    module: nn.Module = GradSampleModuleExpandedWeights(
+        client_half, batch_first=True, loss_reduction="mean"
+    )
+    return module

@@ -226,7 +226,7 @@ class SplitServer:
         self.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # -- rounds ---------------------------------------------------------------------------------

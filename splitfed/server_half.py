@@ -133,9 +133,9 @@ class ServerHalfTrainer(ABC):
         loss.backward()
         optimizer.step()
         correct = _correct(outputs.detach(), labels)
-        return StepResult(
-            cut_gradient=activations.grad.cpu(), loss=float(loss.detach()), correct=correct
-        )
+        gradient = activations.grad
+        assert gradient is not None  # a leaf that requires grad, after backward
+        return StepResult(cut_gradient=gradient.cpu(), loss=float(loss.detach()), correct=correct)
 
     # -- evaluation: the global server half in eval mode, nothing trained ------------------------
 
@@ -157,7 +157,8 @@ class ServerHalfTrainer(ABC):
     @torch.no_grad()
     def evaluate_outputs(self, activations: torch.Tensor) -> torch.Tensor:
         """The label-private split: the global server half's output on one batch."""
-        return self.server_half(activations.to(self.device)).cpu()
+        outputs: torch.Tensor = self.server_half(activations.to(self.device))
+        return outputs.cpu()
 
     # -- the label-private (U-shaped) split: one batch, two exchanges ----------------------------
 
@@ -173,7 +174,7 @@ class ServerHalfTrainer(ABC):
         self._hold(node_id)
         try:
             leaf = activations.to(self.device).requires_grad_(True)
-            outputs = module(leaf)
+            outputs: torch.Tensor = module(leaf)
         except BaseException:
             self._let_go(node_id)
             raise
@@ -198,7 +199,9 @@ class ServerHalfTrainer(ABC):
         with self._counts_lock:
             self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
             self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + len(leaf)
-        return StepResult(cut_gradient=leaf.grad.cpu(), loss=float("nan"), correct=0)
+        gradient = leaf.grad
+        assert gradient is not None  # a leaf that requires grad, after backward
+        return StepResult(cut_gradient=gradient.cpu(), loss=float("nan"), correct=0)
 
     def abandon_server_half(self, node_id: int) -> None:
         """Drop a batch of ``node_id`` that will get no output gradient (its stream ended)."""
@@ -227,7 +230,7 @@ class SFLV1Trainer(ServerHalfTrainer):
 
     variant = Variant.V1
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._copies: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
         self._stale: set[int] = set()
@@ -293,7 +296,7 @@ class SFLV2Trainer(ServerHalfTrainer):
 
     variant = Variant.V2
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.optimizer = self.optimizer_config.build(self.server_half.parameters())
         self._worker: ThreadPoolExecutor | None = None

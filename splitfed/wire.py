@@ -17,6 +17,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -130,8 +131,8 @@ def encode_frame(frame: Frame, *, compression: str = "none") -> bytes:
         the compression: non-finite values with int8, values beyond float16's range with fp16.
     """
     validate_compression(compression)
-    entries = []
-    buffers = []
+    entries: list[list[Any]] = []
+    buffers: list[Any] = []  # buffers: numpy arrays and bytes
     for name, tensor in frame.tensors.items():
         tensor = tensor.detach()
         if tensor.device.type != "cpu":

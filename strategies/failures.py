@@ -44,7 +44,7 @@ class FailureLog:
             node_id = msg.metadata.src_node_id
             replied.add(node_id)
             if msg.has_error():
-                failed.setdefault(msg.error.reason, []).append(node_id)
+                failed.setdefault(str(msg.error.reason), []).append(node_id)
             else:
                 completed.append(msg)
         missing = [node_id for node_id in selected if node_id not in replied]

@@ -510,7 +510,7 @@ class SplitFed(Strategy):
             "federated_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
         }
         if self.checkpoint.global_rng:
-            numpy_state = np.random.get_state()
+            numpy_state: Any = np.random.get_state()
             state["rng"] = {
                 "python": random.getstate(),
                 "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
@@ -601,9 +601,9 @@ class SplitFed(Strategy):
             server_round,
             self._num_rounds,
             shown or "(no evaluate_fn)",
-            round_metrics["data-plane-bytes"] / 1e6,
+            float(round_metrics["data-plane-bytes"]) / 1e6,  # type: ignore[arg-type]
             round_metrics["data-plane-batches"],
-            round_metrics["model-sync-bytes"] / 1e6,
+            float(round_metrics["model-sync-bytes"]) / 1e6,  # type: ignore[arg-type]
             round_metrics["round-seconds"],
         )
 

@@ -52,6 +52,8 @@ def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tm
         assert m["clients"] == CLIENTS and m["failed-clients"] == 0, (server_round, m)
         assert m["merged"] == 1 and m["refused-streams"] == 0, (server_round, m)
         assert m["data-plane-batches"] == batches_per_round, (server_round, m)
+        # Federated evaluation ran on both SuperNodes, through the split server in eval mode.
+        assert 0.0 < m["federated-eval-accuracy"] <= 1.0, (server_round, m)
 
     # The split server served TLS with the deployment's certificate.
     assert "Data-plane TLS: on" in result.log
@@ -163,7 +165,11 @@ def test_a_stalled_client_is_left_out_after_the_round_timeout(tmp_path):
         staller.start()
         try:
             result = deployment.run(
-                run_config={"num-server-rounds": 1, "round-timeout": round_timeout},
+                run_config={
+                    "num-server-rounds": 1,
+                    "round-timeout": round_timeout,
+                    "fraction-evaluate": 0.0,
+                },
                 output_dir=tmp_path / "out",
                 echo=False,
                 timeout=600,

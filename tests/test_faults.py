@@ -76,9 +76,9 @@ def test_a_client_killed_mid_epoch_is_left_out_and_the_round_completes(launch, r
         # Whoever was left, at least min-train-nodes finished, so every round merged.
         assert metrics["clients"] - metrics["failed-clients"] >= 2
         assert metrics["merged"] == 1 and metrics["dropped"] == 0, (server_round, metrics)
-    assert "failed and is left out" in result.log
+    assert "failed and are left out" in result.log
     saved = torch.load(result.output_dir / "model.pt", weights_only=True)
-    assert all(torch.isfinite(t.float()).all() for t in saved["client_half"].values())
+    assert all(torch.isfinite(t.float()).all() for t in saved.values())
     assert result.metrics[2]["test-accuracy"] > 0.5
 
 
@@ -157,9 +157,7 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
         name: torch.load(result.output_dir / "model.pt", weights_only=True)
         for name, result in (("resumed", resumed), ("uninterrupted", uninterrupted))
     }
-    for half in ("client_half", "server_half"):
-        for key, value in models["uninterrupted"][half].items():
-            torch.testing.assert_close(
-                models["resumed"][half][key], value, rtol=0, atol=tolerance, msg=key
-            )
-            torch.testing.assert_close(value, expected[key], rtol=0, atol=tolerance, msg=key)
+    assert models["uninterrupted"].keys() == models["resumed"].keys() == expected.keys()
+    for key, value in models["uninterrupted"].items():
+        torch.testing.assert_close(models["resumed"][key], value, rtol=0, atol=tolerance, msg=key)
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=tolerance, msg=key)

@@ -50,16 +50,14 @@ def unsplit_reference(
     split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
     client_keys = set(split.client_half.state_dict())
     global_model = split.full_model()
-    global_state = {k.split(".", 1)[1]: v for k, v in global_model.state_dict().items()}
+    global_state = dict(global_model.state_dict())  # the model's own keys
     models = [copy.deepcopy(global_model) for _ in range(num_partitions)]
     optimizers = [config.client_optimizer.build(m.parameters()) for m in models]
     for server_round in range(1, rounds + 1):
         states, weights = [], []
         for partition_id, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
             if (server_round - 1) % config.merge_every == 0:
-                model.load_state_dict(
-                    {f"{0 if k in client_keys else 1}.{k}": v for k, v in global_state.items()}
-                )
+                model.load_state_dict(global_state)
             loader = partition_loader(
                 partition_id=partition_id,
                 num_partitions=num_partitions,
@@ -71,7 +69,7 @@ def unsplit_reference(
                     optimizer.zero_grad()
                     nn.functional.cross_entropy(model(images), labels).backward()
                     optimizer.step()
-            states.append({k.split(".", 1)[1]: v for k, v in model.state_dict().items()})
+            states.append(dict(model.state_dict()))
             weights.append(len(loader.dataset))
         if server_round % config.merge_every == 0 or server_round == rounds:
             global_state = {
@@ -84,9 +82,8 @@ def unsplit_reference(
 
 
 def assert_trained_model_is(result, expected: dict[str, torch.Tensor]) -> None:
-    saved = torch.load(result.output_dir / "model.pt", weights_only=True)
-    # The halves keep the unsplit model's layer names, so their keys add up to its state dict.
-    trained = {**saved["client_half"], **saved["server_half"]}
+    # The final model under the unsplit model's own keys.
+    trained = torch.load(result.output_dir / "model.pt", weights_only=True)
     assert trained.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5, msg=key)
@@ -123,7 +120,7 @@ def test_batchnorm_buffers_travel_with_the_client_half_and_are_averaged(launch):
     result = launch(run_config=overrides, num_supernodes=3)
     assert result.completed, result.failure_report()
     expected = unsplit_reference(rounds=1, num_partitions=3, config=config)
-    saved = torch.load(result.output_dir / "model.pt", weights_only=True)["client_half"]
+    saved = torch.load(result.output_dir / "model.pt", weights_only=True)
     assert saved["norm1.num_batches_tracked"].dtype == torch.int64
     assert int(saved["norm1.num_batches_tracked"]) == int(expected["norm1.num_batches_tracked"]) > 0
     # BatchNorm makes this model's training sensitive to the last bits: perturbing the cut

@@ -39,6 +39,8 @@ from .flwr_cli import (
     APP_DIR,
     LaunchResult,
     add_run_arguments,
+    app_config_keys,
+    app_output_dir,
     config_args,
     default_output_dir,
     flower_env,
@@ -49,11 +51,6 @@ from .flwr_cli import (
     wait_healthy,
 )
 from .processes import descendants, free_port, spawn_supervised, stop_supervised
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - flwr depends on tomli
-    import tomli as tomllib
 
 __all__ = [
     "Certificates",
@@ -529,16 +526,9 @@ class LocalDeployment:
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
         # The split server's TLS keys, for apps that have them (this repository's app does).
-        split_server = (
-            self.split_server_run_config()
-            if "split-server-insecure" in _app_config_keys(app_dir)
-            else {}
-        )
-        config = {
-            **split_server,
-            **(run_config or {}),
-            "output-dir": str(output_dir),
-        }
+        keys = app_config_keys(app_dir)
+        split_server = self.split_server_run_config() if "split-server-insecure" in keys else {}
+        config = {**split_server, **(run_config or {}), **app_output_dir(keys, output_dir)}
         started = time.monotonic()
         lines: list[str] = []
         try:
@@ -562,12 +552,6 @@ class LocalDeployment:
             metrics=read_metrics(output_dir),
             log="".join(lines),
         )
-
-
-def _app_config_keys(app_dir: Path) -> set[str]:
-    with open(Path(app_dir) / "pyproject.toml", "rb") as file:
-        pyproject = tomllib.load(file)
-    return set(pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
 
 def run_app(

@@ -18,10 +18,17 @@ from typing import Any
 
 from .processes import die_with_parent
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - flwr depends on tomli
+    import tomli as tomllib
+
 __all__ = [
     "APP_DIR",
     "LaunchResult",
     "add_run_arguments",
+    "app_config_keys",
+    "app_output_dir",
     "config_args",
     "default_output_dir",
     "flower_env",
@@ -37,6 +44,19 @@ __all__ = [
 APP_DIR = Path(__file__).resolve().parents[2]
 """The Flower app this repository runs: its pyproject.toml names the app in ``simulation/app``
 and bundles only that folder (``fab-include``); the library comes from the environment."""
+
+
+def app_config_keys(app_dir: Path) -> set[str]:
+    """The run-config keys a Flower app declares (``[tool.flwr.app.config]``)."""
+    with open(Path(app_dir) / "pyproject.toml", "rb") as file:
+        pyproject = tomllib.load(file)
+    return set(pyproject.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+
+
+def app_output_dir(keys: set[str], output_dir: Path) -> dict[str, str]:
+    """The ``output-dir`` override for an app that has the key (this repository's does), where
+    its ServerApp writes the model, metrics and picture; nothing for an app without it."""
+    return {"output-dir": str(output_dir)} if "output-dir" in keys else {}
 
 
 def default_output_dir() -> Path:

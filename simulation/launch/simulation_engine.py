@@ -27,6 +27,8 @@ from .flwr_cli import (
     APP_DIR,
     LaunchResult,
     add_run_arguments,
+    app_config_keys,
+    app_output_dir,
     config_args,
     default_output_dir,
     flower_env,
@@ -106,7 +108,7 @@ def run_app(
     started = time.monotonic()
     for attempt in (1, 2):
         result = _launch_once(
-            {**(run_config or {}), "output-dir": str(output_dir)},
+            {**(run_config or {}), **app_output_dir(app_config_keys(app_dir), output_dir)},
             federation,
             ray_address=ray_address,
             output_dir=output_dir,
