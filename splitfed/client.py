@@ -9,10 +9,12 @@ Flower's strategies aggregate (one ``ArrayRecord``, one ``MetricRecord`` with ``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from .config import OptimizerConfig, load_optimizer_state, save_optimizer_state
 from .cut import SplitModel
@@ -23,6 +25,12 @@ from .resources import peak_rss_mb
 from .training import LossFn, Unpack, evaluate_locally, run_local_epochs
 
 __all__ = ["evaluate_client_half", "train_client_half"]
+
+logger = logging.getLogger("flwr_splitfed")
+
+# A failure that repeats every round shows its traceback once in this process's log.
+_LOGGED_REASONS: set[str] = set()
+_MAX_LOGGED_REASONS = 64
 
 # What the plugin keeps in a node's context.state between rounds.
 STATE_OPTIMIZER_KEY = "splitfed.client-optimizer"
@@ -48,7 +56,10 @@ def train_client_half(
 ) -> Message:
     """Handle one SplitFed ``train`` message: restore, train through the split server, reply.
 
-    Call it from a ``ClientApp``'s ``@app.train()`` handler. The reply holds the client's
+    Call it from a ``ClientApp``'s ``@app.train()`` handler. A failure (a split server that
+    refuses a batch, a model that does not fit the message, ...) becomes Flower's error reply with
+    its reason, which the strategy logs and counts; its traceback is logged here once per reason,
+    so that a failure that repeats every round does not flood the log. The reply holds the client's
     updated parts (one ``ArrayRecord``: the client half, and the client head in the
     label-private split) and a ``MetricRecord`` with ``num-examples``, so any Flower strategy
     aggregates it. Add records of your own to the returned message's content (a ``ConfigRecord``
@@ -84,6 +95,38 @@ def train_client_half(
     metrics : Mapping[str, int | float] | None (default: None)
         Metrics of your own, added to the reply's ``MetricRecord``.
     """
+    try:
+        return _train(
+            msg,
+            context,
+            split=split,
+            train_loader=train_loader,
+            optimizer=optimizer,
+            local_epochs=local_epochs,
+            reset_optimizer=reset_optimizer,
+            loss_fn=loss_fn,
+            privacy=privacy,
+            batch=batch,
+            metrics=metrics,
+        )
+    except Exception as err:  # becomes the reply's error, with its reason
+        return _error_reply(msg, err)
+
+
+def _train(
+    msg: Message,
+    context: Context,
+    *,
+    split: SplitModel,
+    train_loader: Iterable[Any],
+    optimizer: OptimizerConfig,
+    local_epochs: int,
+    reset_optimizer: bool,
+    loss_fn: LossFn | None,
+    privacy: PrivacyConfig | None,
+    batch: Unpack | None,
+    metrics: Mapping[str, MetricValue] | None,
+) -> Message:
     ticket = _ticket(msg, split, expected_mode=Mode.TRAIN)
     if privacy is not None:
         privacy.validate(
@@ -175,6 +218,24 @@ def evaluate_client_half(
     metrics : Mapping[str, int | float] | None (default: None)
         Metrics of your own, added to the reply's ``MetricRecord``.
     """
+    try:
+        return _evaluate(
+            msg, context, split=split, loader=loader, loss_fn=loss_fn, batch=batch, metrics=metrics
+        )
+    except Exception as err:  # becomes the reply's error, with its reason
+        return _error_reply(msg, err)
+
+
+def _evaluate(
+    msg: Message,
+    context: Context,
+    *,
+    split: SplitModel,
+    loader: Iterable[Any],
+    loss_fn: LossFn | None,
+    batch: Unpack | None,
+    metrics: Mapping[str, MetricValue] | None,
+) -> Message:
     ticket = _ticket(msg, split, expected_mode=Mode.EVALUATE)
     split.load_client_state_dict(_single_array_record(msg).to_torch_state_dict())
     with GrpcDataPlane.from_ticket(ticket, node_id=msg.metadata.dst_node_id) as data_plane:
@@ -183,6 +244,25 @@ def evaluate_client_half(
         )
     reply_metrics = MetricRecord({**stats.metrics(), **(metrics or {})})
     return Message(RecordDict({"metrics": reply_metrics}), reply_to=msg)
+
+
+def _error_reply(msg: Message, err: Exception) -> Message:
+    """Flower's error reply for ``err``; its traceback is logged once per reason per process."""
+    reason = f"{type(err).__name__}: {err}"
+    node = msg.metadata.dst_node_id
+    if reason in _LOGGED_REASONS:
+        logger.error("SplitFed client (node %s) failed again: %s", node, reason)
+    else:
+        if len(_LOGGED_REASONS) < _MAX_LOGGED_REASONS:
+            _LOGGED_REASONS.add(reason)
+        logger.error(
+            "SplitFed client (node %s) failed on a %s message; it replies with the error, which "
+            "the strategy logs and counts",
+            node,
+            msg.metadata.message_type,
+            exc_info=err,
+        )
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def _ticket(msg: Message, split: SplitModel, *, expected_mode: str) -> DataPlaneTicket:

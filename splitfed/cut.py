@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,23 +21,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from .graph import CutError, CutPoint, cut_graph, cut_points, materialize
 from .wire import WireFormatError, wire_dtype_name
 
 __all__ = [
     "CutError",
+    "CutPoint",
     "ModelInput",
     "SplitModel",
+    "cut_points",
     "join_halves",
+    "materialize",
     "split_model",
 ]
 
 ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 """What a model's ``forward`` takes: one tensor, a tuple of positional arguments, or a dict of
 keyword arguments."""
-
-
-class CutError(ValueError):
-    """A model cannot be cut where asked, or its parts do not connect."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,30 @@ class SplitModel:
             )
         for module in self.client_modules():
             own = module.state_dict()
+            mismatched = [
+                f"{key} {tuple(state[key].shape)} into {tuple(value.shape)}"
+                for key, value in own.items()
+                if tuple(state[key].shape) != tuple(value.shape)
+            ]
+            if mismatched:
+                raise CutError(
+                    f"the state does not fit this split's client side: {', '.join(mismatched)}. "
+                    "Clients and the server must build the same model and cut it at the same place"
+                )
             module.load_state_dict({key: state[key] for key in own})
+
+    def materialize_client(self, *, device: str | torch.device = "cpu") -> SplitModel:
+        """The client's side of a model built on the ``meta`` device: its parts get real storage
+        on ``device``, the server half stays where it is and costs no memory.
+
+        A client never runs the server half, so it need not hold it: build the model under
+        ``with torch.device("meta"):``, cut it, and materialise only the client's parts. Their
+        values are uninitialised until the strategy's message is loaded into them, which
+        :func:`splitfed.train_client_half` does first.
+        """
+        half = materialize(self.client_half, device=device)
+        head = materialize(self.client_head, device=device) if self.client_head else None
+        return dataclasses.replace(self, client_half=half, client_head=head, model=None)
 
     def client_copy(self) -> SplitModel:
         """A copy with its own client parts (the server half is shared, not copied): one per
@@ -181,31 +203,54 @@ def split_model(
         If a cut names no module, lies outside the model, the cuts are out of order, or the parts
         do not connect on ``sample_input``. The message says what to change.
     """
-    if not isinstance(model, nn.Sequential):
+    cuts: list[int | str] = [cut] if server_cut is None else [cut, server_cut]
+    if isinstance(model, nn.Sequential):
+        names = _sequential_cut_names(model, cuts)
+    elif all(isinstance(name, str) for name in cuts):
+        names = [str(name) for name in cuts]
+    else:
         raise CutError(
-            f"cannot cut a {type(model).__name__}: only nn.Sequential models can be cut here. "
-            "Write the parts as modules of your own and pair them with join_halves("
-            "client_half=..., server_half=..., sample_input=...)"
+            f"a {type(model).__name__} is cut by module names (as in model.named_modules()); "
+            f"got {cuts!r}. Numbers name positions of an nn.Sequential's children only. "
+            "splitfed.cut_points(model, sample_input=...) lists where it can be cut"
         )
-    names = [name for name, _ in model.named_children()]
-    cuts = [_cut_index(names, cut)]
-    if server_cut is not None:
-        cuts.append(_cut_index(names, server_cut))
-        if cuts[1] <= cuts[0]:
-            layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
-            raise CutError(
-                f"server_cut={server_cut!r} must come after cut={cut!r}, so that the server half "
-                f"keeps at least one layer. Children: [{layers}]"
-            )
     model = copy.deepcopy(model)
-    # Keep the children's names, so state-dict keys read like the original model's.
-    children = list(model.named_children())
-    bounds = [0, *cuts, len(children)]
-    parts = [
-        nn.Sequential(OrderedDict(children[start:end]))
-        for start, end in zip(bounds, bounds[1:], strict=False)
-    ]
-    return _connect(parts, sample_input, model=model)
+    pieces = cut_graph(model, cuts=names, sample_input=sample_input)
+    crossings = []
+    for piece in pieces[:-1]:
+        crossing = piece.output_crossing
+        assert crossing is not None  # every piece but the last returns one tensor
+        try:
+            wire_dtype_name(crossing.dtype)
+        except WireFormatError as err:
+            raise CutError(f"{crossing.source} cannot cross the data plane: {err}") from err
+        crossings.append(crossing)
+    head = pieces[2] if len(pieces) == 3 else None
+    split = SplitModel(
+        client_half=pieces[0],
+        server_half=pieces[1],
+        activation_shape=tuple(crossings[0].shape),
+        activation_dtype=crossings[0].dtype,
+        client_head=head,
+        output_shape=tuple(crossings[1].shape) if head is not None else None,
+        output_dtype=crossings[1].dtype if head is not None else None,
+        model=model,
+    )
+    _check_disjoint_client_keys(split)
+    return split
+
+
+def _sequential_cut_names(model: nn.Sequential, cuts: list[int | str]) -> list[str]:
+    """The children's names a Sequential's cuts (positions or names) end at, in order."""
+    names = [name for name, _ in model.named_children()]
+    positions = [_cut_index(names, cut) for cut in cuts]
+    if len(positions) == 2 and positions[1] <= positions[0]:
+        layers = ", ".join(f"{i}:{name}" for i, name in enumerate(names))
+        raise CutError(
+            f"server_cut={cuts[1]!r} must come after cut={cuts[0]!r}, so that the server half "
+            f"keeps at least one layer. Children: [{layers}]"
+        )
+    return [names[position - 1] for position in positions]
 
 
 def join_halves(

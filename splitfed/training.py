@@ -82,7 +82,10 @@ class BatchSpec:
                 )
             label_key = found[0]
         if label_key not in batch:
-            raise TypeError(f"a batch has no labels under {label_key!r}; its keys are {keys}")
+            raise TypeError(
+                f"a batch has no labels under {label_key!r}; its keys are {keys}: name one of "
+                "them in BatchSpec(labels=...)"
+            )
         input_keys = self.inputs
         if input_keys is None:
             rest = [key for key in keys if key != label_key]
@@ -95,11 +98,17 @@ class BatchSpec:
             input_keys = rest[0]
         if isinstance(input_keys, str | int):
             if input_keys not in batch:
-                raise TypeError(f"a batch has no input under {input_keys!r}; its keys are {keys}")
+                raise TypeError(
+                    f"a batch has no input under {input_keys!r}; its keys are {keys}: name one "
+                    "of them in BatchSpec(inputs=...)"
+                )
             return batch[input_keys], batch[label_key]  # type: ignore[index]
         missing = [key for key in input_keys if key not in batch]
         if missing:
-            raise TypeError(f"a batch has no inputs under {missing}; its keys are {keys}")
+            raise TypeError(
+                f"a batch has no inputs under {missing}; its keys are {keys}: name them in "
+                "BatchSpec(inputs=...)"
+            )
         return {key: batch[key] for key in input_keys}, batch[label_key]  # type: ignore[index]
 
 

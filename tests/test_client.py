@@ -132,14 +132,12 @@ def test_message_from_another_strategy_is_refused_with_the_fix():
         dst_node_id=NODE,
         message_type="train",
     )
-    with pytest.raises(ValueError, match="not sent by a SplitFed strategy"):
-        train_client_half(
-            msg,
-            new_context(),
-            split=split,
-            train_loader=[],
-            optimizer=SGD_MOMENTUM,
-        )
+    reply = train_client_half(
+        msg, new_context(), split=split, train_loader=[], optimizer=SGD_MOMENTUM
+    )
+    assert reply.has_error()
+    assert "not sent by a SplitFed strategy" in reply.error.reason
+    assert "Use splitfed.SplitFed in the ServerApp" in reply.error.reason
 
 
 def test_fedprox_term_pulls_the_client_half_towards_its_start(split_server_factory):

@@ -15,10 +15,12 @@ app = ClientApp()
 
 
 def _split(config: AppConfig) -> SplitModel:
+    # Built on the meta device: the client holds only its own parts, never the server half.
     return digits_split(
         cut=config.cut,
         server_cut=config.server_cut if config.label_private else None,
         batch_norm=config.batch_norm,
+        client_side=True,
     )
 
 

@@ -7,6 +7,7 @@ held-out test set stays on the server for central evaluation.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,17 +65,22 @@ def digits_cnn(*, batch_norm: bool = False) -> nn.Sequential:
 
 
 def digits_split(
-    *, cut: int | str = "pool", server_cut: int | str | None = None, batch_norm: bool = False
+    *,
+    cut: int | str = "pool",
+    server_cut: int | str | None = None,
+    batch_norm: bool = False,
+    client_side: bool = False,
 ) -> SplitModel:
     """The digits CNN cut at ``cut`` (by default right after its convolutional block). With a
     ``server_cut`` (e.g. ``"relu3"``), the label-private split: the client keeps the layers
-    after it (``fc2``) and the loss."""
-    return split_model(
-        digits_cnn(batch_norm=batch_norm),
-        cut=cut,
-        server_cut=server_cut,
-        sample_input=torch.zeros(2, *IMAGE_SHAPE),
+    after it (``fc2``) and the loss. With ``client_side``, the model is built on the meta
+    device and only the client's parts get memory (their weights come from the server)."""
+    with torch.device("meta") if client_side else contextlib.nullcontext():
+        model = digits_cnn(batch_norm=batch_norm)
+    split = split_model(
+        model, cut=cut, server_cut=server_cut, sample_input=torch.zeros(2, *IMAGE_SHAPE)
     )
+    return split.materialize_client() if client_side else split
 
 
 @dataclass(frozen=True)
