@@ -36,7 +36,7 @@ from .protocol import (
     Mode,
     round_token,
 )
-from .server_half import ServerHalfTrainer
+from .server_half import RefusedBatch, ServerHalfTrainer
 from .tls import TLSCredentials
 from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
 
@@ -450,8 +450,10 @@ class SplitServer:
     def _run_server_half(method: Callable[..., _T], *arguments: Any) -> _T:
         try:
             return method(*arguments)
+        except RefusedBatch as err:
+            raise BatchError(str(err)) from err
         except Exception as err:  # the server half itself failed on this batch
-            raise BatchError(f"the server half failed on this batch: {err}") from err
+            raise BatchError(f"the server half failed on this batch: {_first_line(err)}") from err
 
     @staticmethod
     def _validate_output_gradient(
@@ -568,3 +570,11 @@ class _LabelPrivateSteps(_Steps):
         if self.output_shape is not None:
             self.server.trainer.abandon_server_half(self.node_id)
             self.output_shape = None
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's reason for a client: its first line, bounded (torch's errors can carry a C++
+    backtrace, which says nothing to a client and tells a stranger about this machine)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

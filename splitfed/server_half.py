@@ -1,8 +1,11 @@
 """How the split server updates the server half: SFLV1 and SFLV2.
 
 A trainer takes one batch of cut-layer activations and labels at a time, runs the server half
-forward and backward, steps the server-half optimizer, and returns the gradient at the cut.
-The optimizers are built once and keep their state across batches and rounds.
+forward and backward, checks the result, steps the server-half optimizer, and returns the
+gradient at the cut. Every check of a batch happens before the optimizer steps: a batch that is
+refused (its loss or gradients are not finite, or are beyond ``max_abs_gradient``; the server half
+or the loss fails on it) leaves the server half, its buffers and the optimizer state exactly as
+they were.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ from .config import OptimizerConfig, Variant
 
 __all__ = [
     "LossFn",
+    "RefusedBatch",
     "SFLV1Trainer",
     "SFLV2Trainer",
     "ServerHalfTrainer",
@@ -32,6 +36,10 @@ __all__ = [
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class RefusedBatch(ValueError):
+    """A batch the server half cannot learn from; nothing was changed by it."""
+
+
 @dataclass
 class StepResult:
     """What one server-half step returns to the client."""
@@ -39,6 +47,17 @@ class StepResult:
     cut_gradient: torch.Tensor
     loss: float
     correct: int
+
+
+@dataclass
+class _Pending:
+    """A label-private batch between its two exchanges."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    leaf: torch.Tensor
+    outputs: torch.Tensor
+    buffers: list[torch.Tensor]
 
 
 class ServerHalfTrainer(ABC):
@@ -55,6 +74,10 @@ class ServerHalfTrainer(ABC):
         the unsplit model's training would. ``None`` means ``nn.CrossEntropyLoss()``.
     device : str | torch.device (default: "cpu")
         Where the server half runs. Activations arrive on the CPU and are moved there.
+    max_abs_gradient : float (default: 1e10)
+        A batch whose gradients (of the server half's parameters, or at the cut) exceed this in
+        magnitude is refused before the optimizer steps: such a step would make the half, or an
+        optimizer's squared-gradient state, overflow. Healthy training stays far below it.
     """
 
     variant: str
@@ -66,13 +89,17 @@ class ServerHalfTrainer(ABC):
         optimizer: OptimizerConfig,
         loss_fn: LossFn | None = None,
         device: str | torch.device = "cpu",
+        max_abs_gradient: float = 1e10,
     ) -> None:
+        if not max_abs_gradient > 0:
+            raise ValueError(f"max_abs_gradient must be positive; got {max_abs_gradient}")
         self.device = torch.device(device)
         self.server_half = server_half.to(self.device).train()
         self.optimizer_config = optimizer
         self.loss_fn = loss_fn or nn.CrossEntropyLoss()
+        self.max_abs_gradient = max_abs_gradient
         self._counts_lock = threading.Lock()
-        self._pending: dict[int, tuple[torch.optim.Optimizer, torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, _Pending] = {}
         self.steps_by_node: dict[int, int] = {}
         self.examples_by_node: dict[int, int] = {}
 
@@ -83,11 +110,12 @@ class ServerHalfTrainer(ABC):
             self.examples_by_node = {node_id: 0 for node_id in node_ids}
 
     def step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """Train the server half on one batch from ``node_id``; return the gradient at the cut."""
+        """Train the server half on one batch from ``node_id``; return the gradient at the cut.
+
+        Raises :class:`RefusedBatch` (and changes nothing) if the batch cannot be learned from.
+        """
         result = self._step(node_id, activations, labels)
-        with self._counts_lock:
-            self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
-            self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + len(labels)
+        self._count(node_id, len(labels))
         return result
 
     @abstractmethod
@@ -111,11 +139,16 @@ class ServerHalfTrainer(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """The global server half and the optimizer state(s), for a checkpoint."""
+        """The global server half and the optimizer state, for a checkpoint."""
 
     @abstractmethod
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def _count(self, node_id: int, examples: int) -> None:
+        with self._counts_lock:
+            self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
+            self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + examples
 
     def _train_on_batch(
         self,
@@ -124,18 +157,49 @@ class ServerHalfTrainer(ABC):
         activations: torch.Tensor,
         labels: torch.Tensor,
     ) -> StepResult:
-        """Forward, backward and one optimizer step of ``module``: the one update rule."""
-        activations = activations.to(self.device).requires_grad_(True)
-        labels = labels.to(self.device)
-        outputs = module(activations)
-        loss = self.loss_fn(outputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        """Forward, backward, every check, then one optimizer step: the one update rule."""
+        buffers = _buffers(module)  # the forward pass updates BatchNorm statistics
+        try:
+            leaf = activations.to(self.device).requires_grad_(True)
+            labels = labels.to(self.device)
+            optimizer.zero_grad(set_to_none=True)
+            outputs: torch.Tensor = module(leaf)
+            loss = self.loss_fn(outputs, labels)
+            if loss.dim() != 0:
+                raise RefusedBatch(
+                    f"the loss of a batch has shape {tuple(loss.shape)}; it must be one number "
+                    "(a loss that averages over the batch, like nn.CrossEntropyLoss())"
+                )
+            loss.backward()
+            cut_gradient = self._checked_gradients(loss, module, leaf)
+            correct = _correct(outputs.detach(), labels)
+        except Exception:
+            _restore(module, buffers)
+            optimizer.zero_grad(set_to_none=True)
+            raise
         optimizer.step()
-        correct = _correct(outputs.detach(), labels)
-        gradient = activations.grad
-        assert gradient is not None  # a leaf that requires grad, after backward
-        return StepResult(cut_gradient=gradient.cpu(), loss=float(loss.detach()), correct=correct)
+        return StepResult(cut_gradient=cut_gradient, loss=float(loss.detach()), correct=correct)
+
+    def _checked_gradients(
+        self, loss: torch.Tensor | None, module: nn.Module, leaf: torch.Tensor
+    ) -> torch.Tensor:
+        """The gradient at the cut, once the loss and every gradient are finite and bounded."""
+        if loss is not None and not bool(torch.isfinite(loss)):
+            raise RefusedBatch(
+                f"the loss of this batch is {float(loss)}; a step on it would make the server "
+                "half non-finite. Check the labels and the activations the client sends"
+            )
+        cut_gradient = leaf.grad
+        assert cut_gradient is not None  # a leaf that requires grad, after backward
+        gradients = [p.grad for p in module.parameters() if p.grad is not None]
+        largest = _largest_magnitude([cut_gradient, *gradients])
+        if not largest <= self.max_abs_gradient:  # NaN fails this comparison too
+            raise RefusedBatch(
+                f"this batch gives gradients of magnitude {largest:.3g}, beyond "
+                f"max_abs_gradient={self.max_abs_gradient:g}; a step on them would make the "
+                "server half non-finite. Check the activations the client sends (their scale)"
+            )
+        return cut_gradient.detach().cpu()
 
     # -- evaluation: the global server half in eval mode, nothing trained ------------------------
 
@@ -152,7 +216,10 @@ class ServerHalfTrainer(ABC):
         """The loss and the correct count of the global server half on one batch."""
         outputs = self.server_half(activations.to(self.device))
         labels = labels.to(self.device)
-        return float(self.loss_fn(outputs, labels)), _correct(outputs, labels)
+        loss = self.loss_fn(outputs, labels)
+        if loss.dim() != 0:
+            raise RefusedBatch(f"the loss of a batch has shape {tuple(loss.shape)}, not ()")
+        return float(loss), _correct(outputs, labels)
 
     @torch.no_grad()
     def evaluate_outputs(self, activations: torch.Tensor) -> torch.Tensor:
@@ -172,42 +239,55 @@ class ServerHalfTrainer(ABC):
         """
         module, optimizer = self._module_for(node_id)
         self._hold(node_id)
+        buffers = _buffers(module)
         try:
             leaf = activations.to(self.device).requires_grad_(True)
             outputs: torch.Tensor = module(leaf)
+            if not bool(torch.isfinite(outputs).all()):
+                raise RefusedBatch(
+                    "the server half's output on this batch is not finite; check the scale of "
+                    "the activations the client sends"
+                )
         except BaseException:
+            _restore(module, buffers)
             self._let_go(node_id)
             raise
         with self._counts_lock:
-            self._pending[node_id] = (optimizer, leaf, outputs)
+            self._pending[node_id] = _Pending(module, optimizer, leaf, outputs, buffers)
         return outputs.detach().cpu()
 
     def backward_server_half(self, node_id: int, output_gradient: torch.Tensor) -> StepResult:
         """Backpropagate the client's gradient at the server half's output, step the optimizer,
-        and return the gradient at the cut. ``loss`` is NaN: the loss stays on the client."""
+        and return the gradient at the cut. ``loss`` is NaN: the loss stays on the client.
+
+        A refused gradient drops the batch: the server half is as before its forward pass."""
         with self._counts_lock:
             pending = self._pending.pop(node_id, None)
         if pending is None:
-            raise RuntimeError(f"node {node_id} has no batch waiting for its output gradient")
-        optimizer, leaf, outputs = pending
+            raise RefusedBatch(f"node {node_id} has no batch waiting for its output gradient")
         try:
-            optimizer.zero_grad(set_to_none=True)
-            outputs.backward(output_gradient.to(self.device, outputs.dtype))
-            optimizer.step()
+            pending.optimizer.zero_grad(set_to_none=True)
+            pending.outputs.backward(output_gradient.to(self.device, pending.outputs.dtype))
+            cut_gradient = self._checked_gradients(None, pending.module, pending.leaf)
+        except Exception:
+            _restore(pending.module, pending.buffers)
+            pending.optimizer.zero_grad(set_to_none=True)
+            self._let_go(node_id)
+            raise
+        try:
+            pending.optimizer.step()
         finally:
             self._let_go(node_id)
-        with self._counts_lock:
-            self.steps_by_node[node_id] = self.steps_by_node.get(node_id, 0) + 1
-            self.examples_by_node[node_id] = self.examples_by_node.get(node_id, 0) + len(leaf)
-        gradient = leaf.grad
-        assert gradient is not None  # a leaf that requires grad, after backward
-        return StepResult(cut_gradient=gradient.cpu(), loss=float("nan"), correct=0)
+        self._count(node_id, len(pending.leaf))
+        return StepResult(cut_gradient=cut_gradient, loss=float("nan"), correct=0)
 
     def abandon_server_half(self, node_id: int) -> None:
-        """Drop a batch of ``node_id`` that will get no output gradient (its stream ended)."""
+        """Drop a batch of ``node_id`` that will get no output gradient (its stream ended or its
+        gradient did not come in time): the server half is as before its forward pass."""
         with self._counts_lock:
             pending = self._pending.pop(node_id, None)
         if pending is not None:
+            _restore(pending.module, pending.buffers)
             self._let_go(node_id)
 
     def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -221,11 +301,17 @@ class ServerHalfTrainer(ABC):
 
 
 class SFLV1Trainer(ServerHalfTrainer):
-    """SFLV1: one server-half copy and optimizer per client, averaged at the end of a round.
+    """SFLV1: one server-half copy and optimizer per client, averaged when the rounds merge.
 
-    Copies of different clients never share a lock, so concurrent clients train in parallel. A
-    client's optimizer state persists across rounds; its copy's weights restart from the merged
-    server half after every merge. Averaging the copies is the strategy's job (Flower's FedAvg).
+    Copies of different clients never share a lock, so concurrent clients train in parallel.
+    What the server holds grows with the clients since the last merge, not with every client
+    ever seen: a client's copy starts from the global server half with a fresh optimizer the
+    first time it is selected after a merge (as in the SplitFed paper, where the server-side
+    models restart from their average), goes on from itself in the rounds up to the next merge
+    (``merge_every``), and is dropped by the merge; the memory of dropped copies is reused for the
+    next ones. Memory: the global server half, plus one server half and one optimizer state per
+    client selected since the last merge (per client of the round with ``merge_every=1``).
+    Averaging the copies is the strategy's job (Flower's FedAvg).
     """
 
     variant = Variant.V1
@@ -233,58 +319,56 @@ class SFLV1Trainer(ServerHalfTrainer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._copies: dict[int, tuple[nn.Module, torch.optim.Optimizer]] = {}
-        self._stale: set[int] = set()
+        self._spare: list[nn.Module] = []
 
     def begin_round(self, node_ids: list[int]) -> None:
         super().begin_round(node_ids)
         global_state = self.server_half.state_dict()
-        for node_id in node_ids:
-            if node_id not in self._copies:
-                module = copy.deepcopy(self.server_half)
-                self._copies[node_id] = (module, self.optimizer_config.build(module.parameters()))
-            elif node_id in self._stale:
-                self._copies[node_id][0].load_state_dict(global_state)
-            self._stale.discard(node_id)
+        for node_id in dict.fromkeys(node_ids):
+            if node_id in self._copies:
+                continue  # no merge since its last round: it goes on from its own copy
+            module = self._spare.pop() if self._spare else copy.deepcopy(self.server_half)
+            module.load_state_dict(global_state)
+            module.train()
+            self._copies[node_id] = (module, self.optimizer_config.build(module.parameters()))
+        self._spare.clear()  # more spares than new clients: free them
+
+    def _release_copies(self) -> None:
+        self._spare.extend(module for module, _ in self._copies.values())
+        self._copies = {}
 
     def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        module, optimizer = self._copies[node_id]
+        module, optimizer = self._module_for(node_id)
         return self._train_on_batch(module, optimizer, activations, labels)
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
         return {n: self._copies[n][0] for n in node_ids if n in self._copies}
 
     def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-        return self._copies[node_id]
+        try:
+            return self._copies[node_id]
+        except KeyError:
+            raise RefusedBatch(f"node {node_id} is not a client of this round") from None
 
     def load_merged(self, state: Mapping[str, torch.Tensor]) -> None:
         super().load_merged(state)
-        # Every copy restarts from the merged half when its node is next selected.
-        self._stale.update(self._copies)
+        self._release_copies()
 
     def copy_for(self, node_id: int) -> nn.Module:
-        """Return the server-half copy of ``node_id`` (for inspection and tests)."""
+        """Return the server-half copy of ``node_id`` in this round (for inspection and tests)."""
         return self._copies[node_id][0]
 
     def discard_round(self) -> None:
-        # The global half is only written by a merge; the copies start over from it.
-        self._stale.update(self._copies)
+        # The global half is only written by a merge; the copies restart from it.
+        self._release_copies()
 
     def state_dict(self) -> dict[str, Any]:
-        # Copies are not saved: checkpoints follow merges, after which every copy restarts
-        # from the merged half. Their optimizer states are, by node id.
-        return {
-            "server_half": self.server_half.state_dict(),
-            "optimizers": {node: opt.state_dict() for node, (_, opt) in self._copies.items()},
-        }
+        # Checkpoints follow merges, after which no copy or optimizer state is kept.
+        return {"server_half": self.server_half.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server_half.load_state_dict(state["server_half"])
-        self._copies, self._stale = {}, set()
-        for node_id, optimizer_state in state["optimizers"].items():
-            module = copy.deepcopy(self.server_half)
-            optimizer = self.optimizer_config.build(module.parameters())
-            optimizer.load_state_dict(optimizer_state)
-            self._copies[int(node_id)] = (module, optimizer)
+        self._release_copies()
 
 
 class SFLV2Trainer(ServerHalfTrainer):
@@ -351,9 +435,33 @@ class SFLV2Trainer(ServerHalfTrainer):
             worker.shutdown(wait=True)
 
 
+def _buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Copies of ``module``'s buffers (BatchNorm statistics), to undo a refused forward pass."""
+    return [buffer.detach().clone() for buffer in module.buffers()]
+
+
+def _restore(module: nn.Module, saved: Iterable[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(module.buffers(), saved, strict=True):
+            buffer.copy_(value)
+
+
+def _largest_magnitude(tensors: list[torch.Tensor]) -> float:
+    """The largest absolute value among ``tensors``; NaN if any holds a NaN."""
+    peaks = [
+        torch.linalg.vector_norm(t.detach(), ord=float("inf")).float() for t in tensors if t.numel()
+    ]
+    return float(torch.stack(peaks).max()) if peaks else 0.0
+
+
 def _correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
     """Examples whose highest output is their label (0 for outputs that are not class scores)."""
-    if outputs.dim() != 2 or labels.dim() != 1 or labels.is_floating_point():
+    if (
+        outputs.dim() != 2
+        or labels.dim() != 1
+        or labels.is_floating_point()
+        or len(labels) != len(outputs)
+    ):
         return 0
     return int((outputs.argmax(dim=1) == labels).sum())
 

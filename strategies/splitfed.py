@@ -617,7 +617,7 @@ def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype[Any]]) -> ArrayRe
         if values.dtype != dtype:
             values = np.rint(values) if np.issubdtype(dtype, np.integer) else values
             values = values.astype(dtype)
-        cast[key] = Array(np.ascontiguousarray(values))
+        cast[key] = Array(np.asarray(values, order="C"))  # keeps 0-d arrays 0-d
     return ArrayRecord(cast)
 
 

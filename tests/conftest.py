@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from simulation.app.task import load_digits_split
+from simulation.app.config import AppConfig
+from simulation.app.task import federated_data
 from simulation.launch.ray_cluster import LocalRayCluster, RayNode
 from simulation.launch.simulation_engine import run_app
 from splitfed import (
@@ -54,9 +55,8 @@ def digits_batches(
     start: int, count: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` training digits from index ``start``, in order, as a list of batches."""
-    data = load_digits_split()
-    images = data.train_images[start : start + count]
-    labels = data.train_labels[start : start + count]
+    rows = federated_data(AppConfig()).train_split()[start : start + count]
+    images, labels = rows["image"], rows["label"]
     return [
         (images[i : i + batch_size], labels[i : i + batch_size])
         for i in range(0, count, batch_size)
@@ -280,3 +280,15 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def app_batches_per_round(run_config: dict, *, num_partitions: int) -> int:
+    """Batches the app's clients send in one round: every local epoch of every partition."""
+    from simulation.app.task import train_loader  # noqa: PLC0415
+
+    config = AppConfig.from_run_config(run_config)
+    data = federated_data(config, num_partitions=num_partitions)
+    return sum(
+        config.local_epochs * len(train_loader(config, data, partition_id=i, server_round=1))
+        for i in range(num_partitions)
+    )

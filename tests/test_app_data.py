@@ -41,8 +41,6 @@ from simulation.app.models import (  # noqa: E402
     tabular_mlp,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
 NUM_PARTITIONS = 10
 
 
@@ -77,6 +75,7 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
 # -- partitioners -----------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Specifying null_placement:FutureWarning")  # pyarrow, in sort
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
 def test_partitions_are_disjoint_cover_the_train_split_and_skew_as_their_kind(partitioner):
     config = DataConfig(dataset="digits", partitioner=partitioner, dirichlet_alpha=0.2)
@@ -278,6 +277,16 @@ def test_image_folder_loads_as_chw_tensors_in_unit_range_with_its_labels(image_r
     centroids = torch.stack([colours[train["label"] == c].mean(0) for c in range(3)])
     nearest = torch.cdist(test_inputs.mean(dim=(2, 3)), centroids).argmin(1)
     assert torch.equal(nearest, test_labels)
+    # write_image_folder colours class_00 red, class_01 green, class_02 blue.
+    assert centroids.argmax(1).tolist() == [0, 1, 2]
+
+    # Class folders without train/ and test/: a stratified test-fraction is held out.
+    flat = load_federated(
+        replace(config, data_dir=str(image_root / "train"), test_fraction=0.2), num_partitions=3
+    )
+    assert flat.class_names == data.class_names
+    assert np.bincount(flat.central_test()[1].numpy()).tolist() == [6, 6, 6]
+    assert len(flat.train_split()) == 72
 
 
 def test_a_hub_dataset_by_name_loads_with_only_its_download_replaced(monkeypatch, cache_dir):
@@ -411,9 +420,9 @@ def test_build_model_sizes_models_for_the_data_and_refuses_what_it_cannot_build(
     mlp = build_model("mlp", num_classes=2, sample_input=cancer.sample_input())
     assert mlp.fc1.in_features == 30 and mlp(cancer.sample_input()).shape == (2, 2)
 
-    with pytest.raises(NotImplementedError, match="task.py"):
-        build_model("cnn", num_classes=10, sample_input=digits.sample_input())
-    with pytest.raises(ValueError, match="resnet, mlp"):
+    cnn = build_model("cnn", num_classes=10, sample_input=digits.sample_input())
+    assert cnn(digits.sample_input()).shape == (2, 10)
+    with pytest.raises(ValueError, match="cnn, resnet, mlp"):
         build_model("vit", num_classes=10, sample_input=digits.sample_input())
     with pytest.raises(ValueError, match="model='mlp'"):
         build_model("resnet", num_classes=2, sample_input=cancer.sample_input())
@@ -432,7 +441,7 @@ def test_residual_cnn_learns_the_image_folder(image_root, cache_dir):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
     model.eval()
     inputs, labels = data.central_test()
@@ -457,6 +466,8 @@ def test_bad_configs_fail_with_errors_that_name_the_fix(tmp_path, cache_dir):
         )
     with pytest.raises(ValueError, match="digits, breast-cancer, parquet, csv, imagefolder"):
         DataConfig(dataset="cifar").validate()
+    with pytest.raises(ValueError, match="set dataset to parquet, csv or imagefolder"):
+        DataConfig(dataset="digits", data_files="digits.csv").validate()
     with pytest.raises(ValueError, match="partition-id 5 is outside 0..1"):
         load_federated(DataConfig(dataset="digits"), num_partitions=2).train_partition(5)
 

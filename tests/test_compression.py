@@ -218,14 +218,23 @@ def test_compressed_training_stays_close_to_exact_training(split_server_factory)
         server = split_server_factory(split, variant="v1")
         halves[codec], _ = train_round_concurrently(server, split, {1: batches}, compression=codec)
     exact, packed = halves["none"][1].state_dict(), halves["bf16"][1].state_dict()
-    for key in exact:
-        assert torch.allclose(exact[key].float(), packed[key].float(), atol=2e-3), key
+    initial = small_split().client_half.state_dict()
+    keys = [key for key in exact if exact[key].is_floating_point()]
+
+    def norm(tensors) -> float:
+        return float(torch.cat([t.flatten() for t in tensors]).norm())
+
+    update = norm(exact[k] - initial[k] for k in keys)
+    difference = norm(exact[k] - packed[k] for k in keys)
+    # bf16 keeps 8 bits of mantissa: the weights drift by a small part of what training moved.
+    assert 0 < difference < 0.05 * update, (difference, update)
 
 
 def test_a_gradient_the_codec_cannot_carry_is_refused_on_its_stream(split_server_factory) -> None:
     split = small_split()
     server = split_server_factory(split, variant="v1")
-    server.trainer.loss_fn = lambda outputs, labels: outputs.sum() * 1e30
+    # Gradients of about 1e6: within max_abs_gradient, beyond float16 (65504).
+    server.trainer.loss_fn = lambda outputs, labels: outputs.sum() * 1e6
     tokens = server.open_round(1, [3])
     inputs, labels = digits_batches(0, 16, 16)[0]
     with (
@@ -239,7 +248,7 @@ def test_a_gradient_the_codec_cannot_carry_is_refused_on_its_stream(split_server
 
 
 def test_the_strategy_refuses_an_unknown_compression_and_lists_the_choices() -> None:
-    from strategies import SplitFed  # noqa: PLC0415
+    from splitfed import SplitFed  # noqa: PLC0415
 
     with pytest.raises(ValueError, match="data_plane_compression='gzip' is not known.*'bf16'"):
         SplitFed(split=small_split(), insecure=True, data_plane_compression="gzip")

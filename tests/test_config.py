@@ -409,7 +409,7 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
         ({"merge-every": 0}, "merge-every=0 must be at least 1"),
         ({"fraction-train": 1.5}, r"fraction-train=1.5 must be in \(0, 1\]"),
         ({"fraction-train": 0.0}, r"fraction-train=0.0 must be in \(0, 1\]"),
-        ({"partitioner": "x"}, "partitioner='x' must be 'iid' or 'dirichlet'"),
+        ({"partitioner": "x"}, "partitioner='x' is not known; use one of iid, dirichlet"),
         ({"dirichlet-alpha": 0}, "dirichlet-alpha=0.0 must be positive"),
         ({"variant": "v3"}, "variant must be one of v1, v2"),
         ({"client-lr": -1}, "client-lr must be positive"),

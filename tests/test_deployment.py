@@ -15,9 +15,13 @@ import time
 
 import pytest
 
-from simulation.app.task import partition_loader
 from simulation.launch.deployment import LocalDeployment, make_supernode_keys, run_app
-from tests.conftest import assert_none_left, cpu_seconds, marked_environment
+from tests.conftest import (
+    app_batches_per_round,
+    assert_none_left,
+    cpu_seconds,
+    marked_environment,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +47,7 @@ def test_splitfed_trains_to_95_percent_over_tls_with_authenticated_supernodes(tm
     assert set(result.metrics) == set(range(1, ROUNDS + 1))
     final = result.metrics[ROUNDS]
     assert final["test-accuracy"] >= 0.95, result.metrics
-    batches_per_round = sum(
-        2 * len(partition_loader(partition_id=i, num_partitions=CLIENTS, batch_size=16))
-        for i in range(CLIENTS)
-    )
+    batches_per_round = app_batches_per_round({}, num_partitions=CLIENTS)
     for server_round, m in result.metrics.items():
         # Both SuperNodes trained, every batch crossed the data plane, and both were merged.
         assert m["clients"] == CLIENTS and m["failed-clients"] == 0, (server_round, m)

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from simulation.app.task import digits_cnn
+from simulation.app.models import digits_cnn
 from splitfed import (
     DataPlaneTicket,
     GrpcDataPlane,

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from simulation.app.task import digits_cnn
+from simulation.app.models import digits_cnn
 from splitfed import (
     CutError,
     GrpcDataPlane,

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from simulation.app.config import AppConfig
-from simulation.app.task import digits_split, partition_loader, round_shuffle_seed
-from tests.conftest import client_app_actors
+from simulation.app.task import federated_data, model_split, train_loader
+from tests.conftest import app_batches_per_round, client_app_actors
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,9 @@ def unsplit_reference(
     with ``merge_client_half`` and the server-half layers with FedAvg; between merges each
     client goes on from its own model.
     """
-    torch.manual_seed(config.seed)
-    split = digits_split(cut=config.cut, batch_norm=config.batch_norm)
+    torch.manual_seed(config.seed)  # as the ServerApp seeds the model it builds
+    data = federated_data(config, num_partitions=num_partitions)
+    split = model_split(config, data, client_side=False)
     client_keys = set(split.client_half.state_dict())
     global_model = split.full_model()
     global_state = dict(global_model.state_dict())  # the model's own keys
@@ -58,16 +59,14 @@ def unsplit_reference(
         for partition_id, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
             if (server_round - 1) % config.merge_every == 0:
                 model.load_state_dict(global_state)
-            loader = partition_loader(
-                partition_id=partition_id,
-                num_partitions=num_partitions,
-                batch_size=config.batch_size,
-                shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
+            loader = train_loader(
+                config, data, partition_id=partition_id, server_round=server_round
             )
             for _ in range(config.local_epochs):
-                for images, labels in loader:
+                for batch in loader:
                     optimizer.zero_grad()
-                    nn.functional.cross_entropy(model(images), labels).backward()
+                    loss = nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+                    loss.backward()
                     optimizer.step()
             states.append(dict(model.state_dict()))
             weights.append(len(loader.dataset))
@@ -176,10 +175,7 @@ def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
     assert final["test-accuracy"] >= 0.95, result.metrics
     assert final["clients"] == 10 and final["refused-streams"] == 0
     # The data plane carried every batch of every client: 2 epochs of the whole training set.
-    batches_per_round = sum(
-        2 * len(partition_loader(partition_id=i, num_partitions=10, batch_size=16))
-        for i in range(10)
-    )
+    batches_per_round = app_batches_per_round({"variant": variant}, num_partitions=10)
     assert all(m["data-plane-batches"] == batches_per_round for m in result.metrics.values())
 
 

@@ -6,22 +6,12 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from splitfed import DataPlaneTicket, SplitModel, evaluate_client_half, train_client_half
+from splitfed import DataPlaneTicket, evaluate_client_half, train_client_half
 
 from .config import AppConfig
-from .task import digits_split, partition_loader, round_shuffle_seed
+from .task import batch_spec, federated_data, model_split, test_loader, train_loader
 
 app = ClientApp()
-
-
-def _split(config: AppConfig) -> SplitModel:
-    # Built on the meta device: the client holds only its own parts, never the server half.
-    return digits_split(
-        cut=config.cut,
-        server_cut=config.server_cut if config.label_private else None,
-        batch_norm=config.batch_norm,
-        client_side=True,
-    )
 
 
 @app.train()
@@ -29,23 +19,20 @@ def train(msg: Message, context: Context) -> Message:
     """One round: every batch of the local epochs goes through the split server."""
     config = AppConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
-    server_round = DataPlaneTicket.from_message(msg).server_round
-    train_loader = partition_loader(
-        partition_id=partition_id,
-        num_partitions=int(context.node_config["num-partitions"]),
-        batch_size=config.batch_size,
-        partitioner=config.partitioner,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
-        test_fraction=config.test_fraction,
-    )
+    data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))
     privacy = config.privacy()
     return train_client_half(
         msg,
         context,
-        split=_split(config),
-        train_loader=train_loader,
+        # Built on the meta device: the client holds only its own parts, never the server half.
+        split=model_split(config, data, client_side=True),
+        train_loader=train_loader(
+            config,
+            data,
+            partition_id=partition_id,
+            server_round=DataPlaneTicket.from_message(msg).server_round,
+        ),
+        batch=batch_spec(data),
         optimizer=config.client_optimizer,
         local_epochs=config.local_epochs,
         reset_optimizer=config.reset_client_optimizer,
@@ -57,14 +44,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: the merged model on this client's share of the held-out data."""
     config = AppConfig.from_run_config(context.run_config)
-    loader = partition_loader(
-        partition_id=int(context.node_config["partition-id"]),
-        num_partitions=int(context.node_config["num-partitions"]),
-        batch_size=config.batch_size,
-        partitioner=config.partitioner,
-        alpha=config.dirichlet_alpha,
-        seed=config.seed,
-        test_fraction=config.test_fraction,
-        subset="test",
+    data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))
+    return evaluate_client_half(
+        msg,
+        context,
+        split=model_split(config, data, client_side=True),
+        loader=test_loader(config, data, partition_id=int(context.node_config["partition-id"])),
+        batch=batch_spec(data),
     )
-    return evaluate_client_half(msg, context, split=_split(config), loader=loader)

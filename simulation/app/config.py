@@ -20,6 +20,10 @@ import torch
 from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, Variant
 from splitfed.wire import COMPRESSIONS
 
+from .datasets import DataConfigError
+from .models import MODELS
+from .task import data_config
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - flwr depends on tomli
@@ -97,6 +101,16 @@ class AppConfig:
     fraction_evaluate: float = _default("fraction-evaluate")
     min_evaluate_nodes: int = _default("min-evaluate-nodes")
     merge_every: int = _default("merge-every")
+    dataset: str = _default("dataset")
+    data_files: str = _default("data-files")
+    data_dir: str = _default("data-dir")
+    data_subset: str = _default("data-subset")
+    input_key: str = _default("input-key")
+    label_key: str = _default("label-key")
+    image_size: int = _default("image-size")
+    standardize: bool = _default("standardize")
+    cache_dir: str = _default("cache-dir")
+    model: str = _default("model")
     cut: str = _default("cut")
     batch_norm: bool = _default("batch-norm")
     aggregator: str = _default("aggregator")
@@ -106,6 +120,8 @@ class AppConfig:
     reset_client_optimizer: bool = _default("reset-client-optimizer")
     partitioner: str = _default("partitioner")
     dirichlet_alpha: float = _default("dirichlet-alpha")
+    classes_per_partition: int = _default("classes-per-partition")
+    shards_per_partition: int = _default("shards-per-partition")
     test_fraction: float = _default("test-fraction")
     seed: int = _default("seed")
     split_server_address: str = _default("split-server-address")
@@ -152,10 +168,14 @@ class AppConfig:
             problems.append(
                 f"aggregator={self.aggregator!r} must be one of {', '.join(AGGREGATORS)}"
             )
-        if self.partitioner not in ("iid", "dirichlet"):
-            problems.append(f"partitioner={self.partitioner!r} must be 'iid' or 'dirichlet'")
-        if not self.dirichlet_alpha > 0:
-            problems.append(f"dirichlet-alpha={self.dirichlet_alpha} must be positive")
+        try:
+            data_config(self).validate()
+        except DataConfigError as err:
+            problems.extend(err.problems)
+        if self.model not in MODELS:
+            problems.append(f"model={self.model!r} must be one of {', '.join(MODELS)}")
+        if self.batch_norm and self.model != "cnn":
+            problems.append("batch-norm=true applies to model='cnn' only")
         if not self.round_timeout > 0:
             problems.append(f"round-timeout={self.round_timeout} must be positive (seconds)")
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?|mps", self.server_device):

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     IidPartitioner,
@@ -71,8 +72,16 @@ are made, with the column they split by, before the source is read."""
 TABULAR_KEY = "features"
 """Batch key of table rows stacked into one feature vector."""
 
-_SINGLE_CHANNEL_MODES = ("1", "L", "LA", "I", "I;16", "F", "P")
+_SINGLE_CHANNEL_MODES = ("1", "L", "LA", "I", "I;16", "F")
 # Images in these PIL modes become one channel (grey); any other mode becomes RGB.
+
+
+class DataConfigError(ValueError):
+    """The data part of a run config is not valid; :attr:`problems` lists every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid data config:\n  " + "\n  ".join(problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,8 @@ class DataConfig:
     seed : int
         Seed of the shuffle, the held-out split and the partitioners. (default: 0)
     image_size : int
-        Side, in pixels, images are resized to. (default: 32)
+        Side, in pixels, images (PIL) are resized to; array inputs, such as ``digits``,
+        keep their shape. (default: 32)
     standardize : bool
         Scale table features to zero mean and unit variance with the train split's
         statistics. (default: True)
@@ -157,18 +167,23 @@ class DataConfig:
                 f"{', '.join(EMBEDDED_SOURCES + FILE_SOURCES)} or 'hub:<name>'"
             )
         if source in FILE_SOURCES and not (self.data_files or self.data_dir):
-            what = (
-                "data-dir (a folder of class folders)"
-                if source == "imagefolder"
-                else ("data-files (a path, a glob or 'train=PATH,test=PATH')")
-            )
+            what = "data-files (a path, a glob or 'train=PATH,test=PATH')"
+            if source == "imagefolder":
+                what = "data-dir (a folder of class folders)"
             problems.append(f"dataset={source!r} needs {what}")
-        if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
+        if source in EMBEDDED_SOURCES and (self.data_files or self.data_dir):
             problems.append(
-                f"data-dir={self.data_dir!r} is not a folder; give the absolute path of an "
-                "existing folder"
+                f"dataset={source!r} is bundled and reads no files; clear data-files and "
+                "data-dir, or set dataset to parquet, csv or imagefolder"
             )
-        problems.extend(_missing_files(self.data_files))
+        if source in FILE_SOURCES:
+            # A hub dataset's data-dir and data-files are paths inside its repository.
+            if self.data_dir and not Path(self.data_dir).expanduser().is_dir():
+                problems.append(
+                    f"data-dir={self.data_dir!r} is not a folder; give the absolute path of an "
+                    "existing folder"
+                )
+            problems.extend(_missing_files(self.data_files))
         if self.partitioner not in PARTITIONERS:
             problems.append(
                 f"partitioner={self.partitioner!r} is not known; use one of "
@@ -188,7 +203,7 @@ class DataConfig:
         if self.seed < 0:
             problems.append(f"seed={self.seed} must be at least 0")
         if problems:
-            raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+            raise DataConfigError(problems)
         return self
 
 
@@ -544,6 +559,12 @@ class _Preprocessor:
         label, kind, columns = _detect_columns(config, train.features)
         if "test" in data:
             test = data["test"]
+            lacking = [c for c in (label, *columns) if c not in test.column_names]
+            if lacking:
+                raise ValueError(
+                    f"the test split lacks the columns {lacking} of the train split; give both "
+                    "splits the same columns"
+                )
         else:
             train, test = _hold_out(train, label=label, config=config)
         label_ids, class_names = _class_ids([train, test], label)
@@ -586,19 +607,18 @@ class _Preprocessor:
         features = Features(
             {input_key: _array_feature(shape, column=columns[0]), LABEL_KEY: Value("int64")}
         )
-        with _quiet():
-            encoded = DatasetDict(
-                {
-                    name: split.map(
-                        encoding,
-                        batched=True,
-                        batch_size=256,
-                        remove_columns=split.column_names,
-                        features=features,
-                    )
-                    for name, split in (("train", train), ("test", test))
-                }
-            )
+        encoded = DatasetDict(
+            {
+                name: split.map(
+                    encoding,
+                    batched=True,
+                    batch_size=256,
+                    remove_columns=split.column_names,
+                    features=features,
+                )
+                for name, split in (("train", train), ("test", test))
+            }
+        )
         self.prepared = _Prepared(input_key=input_key, class_names=class_names)
         return encoded
 
@@ -724,13 +744,21 @@ def _load_dict(
             partitioner.dataset = data[split]
         return partitioners, data["train"], data["test"], preprocess.prepared
 
-    from flwr_datasets import FederatedDataset
-
     kwargs: dict[str, Any] = {}
+    # Paths of local files may start with ~; a hub dataset's are inside its repository.
+    local = config.dataset in FILE_SOURCES
+
+    def path(value: str) -> str:
+        return str(Path(value).expanduser()) if local else value
+
     if config.data_files:
-        kwargs["data_files"] = _split_files(config.data_files)
+        files = _split_files(config.data_files)
+        if isinstance(files, dict):
+            kwargs["data_files"] = {split: path(value) for split, value in files.items()}
+        else:
+            kwargs["data_files"] = path(files)
     if config.data_dir:
-        kwargs["data_dir"] = str(Path(config.data_dir).expanduser())
+        kwargs["data_dir"] = path(config.data_dir)
     if config.cache_dir:
         kwargs["cache_dir"] = str(Path(config.cache_dir).expanduser())
     name = config.dataset.removeprefix(HUB_PREFIX)

@@ -1,4 +1,4 @@
-"""The ServerApp: SplitFed on the configured task, evaluated centrally and on the clients."""
+"""The ServerApp: SplitFed on the run config's task, evaluated centrally and on the clients."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from splitfed import CheckpointConfig, SplitFed, SplitFedResult, TLSCredentials
 
 from .config import AppConfig
 from .plots import plot_run
-from .task import digits_split, evaluate_model, load_digits_split
+from .task import evaluate_model, federated_data, model_split
 
 app = ServerApp()
 
@@ -37,12 +37,9 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(config.seed)
     np.random.seed(config.seed)
 
-    data = load_digits_split(test_fraction=config.test_fraction, seed=config.seed)
-    split = digits_split(
-        cut=config.cut,
-        server_cut=config.server_cut if config.label_private else None,
-        batch_norm=config.batch_norm,
-    )
+    data = federated_data(config)
+    split = model_split(config, data, client_side=False)
+    test_inputs, test_labels = data.central_test()
     device = config.resolved_server_device()
     output_dir = Path(config.output_dir) if config.output_dir else None
     strategy = SplitFed(
@@ -77,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = strategy.global_model(arrays)
-        loss, accuracy = evaluate_model(model, data.test_images, data.test_labels)
+        loss, accuracy = evaluate_model(model, test_inputs, test_labels)
         return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
 
     result = strategy.start(
@@ -101,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
             output_dir,
             result,
             strategy.global_model(result.arrays),
-            title=f"SFL{config.variant.upper()} on digits",
+            title=f"SFL{config.variant.upper()}, {config.model} on {config.dataset}",
         )
 
 

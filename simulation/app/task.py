@@ -1,204 +1,109 @@
-"""The digits task: scikit-learn's bundled handwritten digits, a small CNN, Flower partitioners.
+"""The app's task, from its run config: the data, the model, where it is cut, the batches.
 
-``load_digits`` ships inside scikit-learn (1,797 real 8x8 images), so the task runs offline.
-Training data is partitioned among clients with ``flwr-datasets`` partitioners; a stratified
-held-out test set stays on the server for central evaluation.
+The data come from :mod:`simulation.app.datasets` (scikit-learn's bundled digits and breast-cancer
+sets offline, a flwr-datasets hub dataset by name, or local parquet, csv and image-folder files,
+all through one path), the models from :mod:`simulation.app.models`. The server builds the whole
+model; a client builds it on the meta device and holds only its own parts.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from splitfed import SplitModel, split_model
+from splitfed import BatchSpec, SplitModel, split_model
+
+from .datasets import DataConfig, FederatedData, load_federated, loader
+from .models import DEFAULT_CUTS, build_model, digits_cnn
+
+if TYPE_CHECKING:
+    from .config import AppConfig
 
 __all__ = [
-    "DigitsData",
-    "round_shuffle_seed",
+    "batch_spec",
+    "data_config",
     "digits_cnn",
-    "digits_split",
     "evaluate_model",
-    "load_digits_split",
-    "partition_loader",
-    "partition_indices",
+    "federated_data",
+    "model_split",
+    "round_shuffle_seed",
+    "test_loader",
+    "train_loader",
 ]
 
-NUM_CLASSES = 10
-IMAGE_SHAPE = (1, 8, 8)
 
-
-def digits_cnn(*, batch_norm: bool = False) -> nn.Sequential:
-    """A small CNN for 8x8 digits. Its convolutional block ends at the child ``pool``.
-
-    With ``batch_norm`` each convolution is followed by BatchNorm (``norm1``, ``norm2``), whose
-    running statistics travel and are averaged with the client half.
-    """
-
-    def norm(name: str, channels: int) -> list[tuple[str, nn.Module]]:
-        return [(name, nn.BatchNorm2d(channels))] if batch_norm else []
-
-    return nn.Sequential(
-        OrderedDict(
-            [
-                ("conv1", nn.Conv2d(1, 16, kernel_size=3, padding=1)),
-                *norm("norm1", 16),
-                ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
-                *norm("norm2", 32),
-                ("relu2", nn.ReLU()),
-                ("pool", nn.MaxPool2d(2)),
-                ("flatten", nn.Flatten()),
-                ("fc1", nn.Linear(32 * 4 * 4, 64)),
-                ("relu3", nn.ReLU()),
-                ("fc2", nn.Linear(64, NUM_CLASSES)),
-            ]
-        )
+def data_config(config: AppConfig) -> DataConfig:
+    """The data part of the run config."""
+    return DataConfig(
+        dataset=config.dataset,
+        data_files=config.data_files,
+        data_dir=config.data_dir,
+        data_subset=config.data_subset,
+        input_key=config.input_key,
+        label_key=config.label_key,
+        partitioner=config.partitioner,
+        dirichlet_alpha=config.dirichlet_alpha,
+        classes_per_partition=config.classes_per_partition,
+        shards_per_partition=config.shards_per_partition,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        image_size=config.image_size,
+        standardize=config.standardize,
+        cache_dir=config.cache_dir,
     )
 
 
-def digits_split(
-    *,
-    cut: int | str = "pool",
-    server_cut: int | str | None = None,
-    batch_norm: bool = False,
-    client_side: bool = False,
-) -> SplitModel:
-    """The digits CNN cut at ``cut`` (by default right after its convolutional block). With a
-    ``server_cut`` (e.g. ``"relu3"``), the label-private split: the client keeps the layers
-    after it (``fc2``) and the loss. With ``client_side``, the model is built on the meta
-    device and only the client's parts get memory (their weights come from the server)."""
+def federated_data(config: AppConfig, *, num_partitions: int = 1) -> FederatedData:
+    """The run's data, split among ``num_partitions`` clients (cached in the process)."""
+    return load_federated(data_config(config), num_partitions=num_partitions)
+
+
+def model_split(config: AppConfig, data: FederatedData, *, client_side: bool) -> SplitModel:
+    """The run's model, cut where the run config says (or at the model's default cuts).
+
+    The server builds the whole model (seeded by the caller); with ``client_side`` the model is
+    built on the meta device and only the client's parts get memory: their weights come from the
+    server's message.
+    """
+    cut, server_cut = DEFAULT_CUTS.get(config.model, ("", ""))
+    sample = data.sample_input()
+    extra = {"batch_norm": config.batch_norm} if config.model == "cnn" else {}
     with torch.device("meta") if client_side else contextlib.nullcontext():
-        model = digits_cnn(batch_norm=batch_norm)
+        model = build_model(
+            config.model, num_classes=data.num_classes, sample_input=sample, **extra
+        )
     split = split_model(
-        model, cut=cut, server_cut=server_cut, sample_input=torch.zeros(2, *IMAGE_SHAPE)
+        model,
+        cut=config.cut or cut,
+        server_cut=(config.server_cut or server_cut) if config.label_private else None,
+        sample_input=sample,
     )
     return split.materialize_client() if client_side else split
 
 
-@dataclass(frozen=True)
-class DigitsData:
-    """Digits as tensors: images scaled to [0, 1], shape (N, 1, 8, 8); labels int64."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+def batch_spec(data: FederatedData) -> BatchSpec:
+    """Where a batch of ``data`` holds the inputs and the labels."""
+    return BatchSpec(inputs=data.input_key, labels=data.label_key)
 
 
-@lru_cache(maxsize=4)
-def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> DigitsData:
-    """Load scikit-learn's digits and hold out a stratified test set."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test-fraction must be between 0 and 1; got {test_fraction}")
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    labels = digits.target.astype(np.int64)
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
-    )
-    return DigitsData(
-        torch.from_numpy(train_x),
-        torch.from_numpy(train_y),
-        torch.from_numpy(test_x),
-        torch.from_numpy(test_y),
-    )
-
-
-@lru_cache(maxsize=64)
-def partition_indices(
-    *,
-    num_partitions: int,
-    partitioner: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    subset: str = "train",
-) -> tuple[tuple[int, ...], ...]:
-    """Split the ``subset`` ("train" or "test") indices among ``num_partitions`` clients with
-    flwr-datasets.
-
-    ``partitioner`` is ``"iid"`` (IidPartitioner) or ``"dirichlet"`` (DirichletPartitioner over
-    the labels with concentration ``alpha``; smaller is more skewed).
-    """
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
-
-    data = load_digits_split(test_fraction=test_fraction, seed=seed)
-    labels = data.train_labels if subset == "train" else data.test_labels
-    n = len(labels)
-    if not 1 <= num_partitions <= n:
-        raise ValueError(f"num-partitions must be between 1 and {n}; got {num_partitions}")
-    table = Dataset.from_dict({"index": list(range(n)), "label": labels.tolist()})
-    if partitioner == "iid":
-        part: Any = IidPartitioner(num_partitions=num_partitions)
-    elif partitioner == "dirichlet":
-        part = DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=alpha,
-            min_partition_size=1,
-            seed=seed,
-        )
-    else:
-        raise ValueError(f"partitioner must be 'iid' or 'dirichlet'; got {partitioner!r}")
-    part.dataset = table
-    return tuple(tuple(part.load_partition(i)["index"]) for i in range(num_partitions))
-
-
-def partition_loader(
-    *,
-    partition_id: int,
-    num_partitions: int,
-    batch_size: int,
-    partitioner: str = "iid",
-    alpha: float = 0.5,
-    seed: int = 0,
-    shuffle_seed: int | None = None,
-    test_fraction: float = 0.2,
-    subset: str = "train",
+def train_loader(
+    config: AppConfig, data: FederatedData, *, partition_id: int, server_round: int
 ) -> DataLoader:
-    """The batches of one client's share of ``subset`` ("train", or "test" for federated
-    evaluation). ``shuffle_seed=None`` keeps the partition's order."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(
-            f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the node's "
-            "--node-config 'partition-id=... num-partitions=...'"
-        )
-    data = load_digits_split(test_fraction=test_fraction, seed=seed)
-    indices = torch.tensor(
-        partition_indices(
-            num_partitions=num_partitions,
-            partitioner=partitioner,
-            alpha=alpha,
-            seed=seed,
-            test_fraction=test_fraction,
-            subset=subset,
-        )[partition_id],
-        dtype=torch.long,
+    """A client's training batches of a round, in an order of its own for each round."""
+    return loader(
+        data.train_partition(partition_id),
+        batch_size=config.batch_size,
+        shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
     )
-    images, labels = (
-        (data.train_images, data.train_labels)
-        if subset == "train"
-        else (data.test_images, data.test_labels)
-    )
-    dataset = TensorDataset(images[indices], labels[indices])
-    generator = None
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=generator
-    )
+
+
+def test_loader(config: AppConfig, data: FederatedData, *, partition_id: int) -> DataLoader:
+    """A client's share of the held-out data, for federated evaluation."""
+    return loader(data.test_partition(partition_id), batch_size=config.batch_size)
 
 
 def round_shuffle_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -208,14 +113,14 @@ def round_shuffle_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 512
 ) -> tuple[float, float]:
     """Return (mean cross-entropy loss, accuracy) of ``model`` on a labelled set."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        x, y = inputs[start : start + batch_size], labels[start : start + batch_size]
         outputs = model(x)
         loss_sum += float(nn.functional.cross_entropy(outputs, y, reduction="sum"))
         correct += int((outputs.argmax(dim=1) == y).sum())

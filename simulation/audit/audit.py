@@ -41,13 +41,17 @@ from splitfed import (
     GrpcDataPlane,
     OptimizerConfig,
     PrivacyConfig,
+    SplitModel,
     SplitServer,
     make_trainer,
     run_local_epochs,
+    split_model,
 )
 from splitfed.privacy import distance_correlation
 
-from ..app.task import digits_split, load_digits_split
+from ..app.config import AppConfig
+from ..app.models import digits_cnn
+from ..app.task import federated_data
 
 __all__ = [
     "AuditRun",
@@ -230,6 +234,28 @@ class _LabelLog:
             yield images, labels
 
 
+@dataclass(frozen=True)
+class _Digits:
+    """The app's digits as tensors: the train split, the held-out split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_digits() -> _Digits:
+    data = federated_data(AppConfig())
+    train = data.train_split()[:]
+    return _Digits(train["image"], train["label"], *data.central_test())
+
+
+def digits_split(*, cut: str, server_cut: str | None = None) -> SplitModel:
+    return split_model(
+        digits_cnn(), cut=cut, server_cut=server_cut, sample_input=torch.zeros(2, 1, 8, 8)
+    )
+
+
 def _train(split, defense: Defense, images, labels, *, epochs: int, seed: int):
     """Train through the real split server on loopback; return what the server received."""
     label_private = defense.label_private
@@ -330,7 +356,7 @@ def audit_one(
 ) -> tuple[AuditRun, np.ndarray | None]:
     """Train one configuration and attack it; return its figures and some reconstructions."""
     started = time.perf_counter()
-    data = load_digits_split()
+    data = load_digits()
     generator = torch.Generator().manual_seed(1000 + seed)
     order = torch.randperm(len(data.train_labels), generator=generator)
     private, aux = order[: len(order) // 2], order[len(order) // 2 :]
@@ -384,7 +410,7 @@ def audit_one(
 
 def floor_metrics(attack_examples: int, seed: int) -> dict[str, float]:
     """Reconstructing every private digit as the mean auxiliary digit."""
-    data = load_digits_split()
+    data = load_digits()
     order = torch.randperm(
         len(data.train_labels), generator=torch.Generator().manual_seed(1000 + seed)
     )
@@ -618,7 +644,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(report, indent=2, default=_json_number))
-    data = load_digits_split()
+    data = load_digits()
     order = torch.randperm(
         len(data.train_labels), generator=torch.Generator().manual_seed(1000 + seeds[0])
     )
