@@ -170,6 +170,7 @@ class ServerHalfTrainer(ABC):
                     f"the loss of a batch has shape {tuple(loss.shape)}; it must be one number "
                     "(a loss that averages over the batch, like nn.CrossEntropyLoss())"
                 )
+            _check_buffers(module)
             loss.backward()
             cut_gradient = self._checked_gradients(loss, module, leaf)
             correct = _correct(outputs.detach(), labels)
@@ -243,6 +244,7 @@ class ServerHalfTrainer(ABC):
         try:
             leaf = activations.to(self.device).requires_grad_(True)
             outputs: torch.Tensor = module(leaf)
+            _check_buffers(module)
             if not bool(torch.isfinite(outputs).all()):
                 raise RefusedBatch(
                     "the server half's output on this batch is not finite; check the scale of "
@@ -444,6 +446,16 @@ def _restore(module: nn.Module, saved: Iterable[torch.Tensor]) -> None:
     with torch.no_grad():
         for buffer, value in zip(module.buffers(), saved, strict=True):
             buffer.copy_(value)
+
+
+def _check_buffers(module: nn.Module) -> None:
+    """Refuse a forward pass that made a buffer (a BatchNorm statistic) non-finite."""
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+            raise RefusedBatch(
+                f"this batch makes the server half's {name} non-finite; check the scale of the "
+                "activations the client sends"
+            )
 
 
 def _largest_magnitude(tensors: list[torch.Tensor]) -> float:

@@ -269,6 +269,11 @@ class TensorSpec:
                 f"a TensorSpec's compressions are one or more of {', '.join(COMPRESSIONS)}; got "
                 f"{sorted(compressions)}"
             )
+        if "none" not in compressions and not dtypes & set(_COMPRESSIBLE):
+            raise ValueError(
+                f"no tensor meets this TensorSpec: only float32 and float64 tensors travel "
+                f"compressed, and its dtypes are {sorted(map(str, dtypes))}"
+            )
         object.__setattr__(self, "dtypes", dtypes)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "compressions", compressions)

@@ -207,3 +207,58 @@ def test_client_apps_spread_over_the_cluster_and_reach_the_split_server(launch, 
         m["clients"] == 6 and m["failed-clients"] == 0 and m["refused-streams"] == 0
         for m in result.metrics.values()
     )
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A small learnable image set in the imagefolder layout, written by the test."""
+    from simulation.app.datasets import write_image_folder  # noqa: PLC0415
+
+    return write_image_folder(tmp_path_factory.mktemp("images"), classes=3, per_class=40)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_a_residual_cnn_cut_by_name_learns_from_image_files_with_federated_evaluation(
+    variant, launch, image_folder
+):
+    # Files -> partitions -> a residual model cut at "layer1" -> SplitFed -> evaluation on the
+    # clients' own held-out images, all under flwr run.
+    overrides = {
+        "variant": variant,
+        "dataset": "imagefolder",
+        "data-dir": str(image_folder),
+        "model": "resnet",
+        "partitioner": "dirichlet",
+        "dirichlet-alpha": 1.0,
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "batch-size": 8,
+        "client-lr": 0.02,
+        "server-lr": 0.02,
+    }
+    result = launch(run_config=overrides, num_supernodes=4)
+    assert result.completed, result.failure_report()
+    assert sorted(result.metrics) == [1, 2, 3]
+    final = result.metrics[3]
+    assert final["test-accuracy"] > 0.6, result.metrics  # three classes: chance is 0.33
+    assert final["federated-eval-accuracy"] > 0.6, result.metrics
+    assert all(m["refused-batches"] == 0 for m in result.metrics.values())
+    batches = app_batches_per_round(overrides, num_partitions=4)
+    assert all(m["data-plane-batches"] == batches for m in result.metrics.values())
+
+
+def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split(launch):
+    overrides = {
+        "dataset": "breast-cancer",
+        "model": "mlp",
+        "label-private": True,
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "client-lr": 0.02,
+        "server-lr": 0.02,
+    }
+    result = launch(run_config=overrides, num_supernodes=4)
+    assert result.completed, result.failure_report()
+    final = result.metrics[3]
+    assert final["test-accuracy"] > 0.9, result.metrics
+    assert final["federated-eval-accuracy"] > 0.9, result.metrics
