@@ -12,7 +12,7 @@ server-half update rules) lives in this package's modules; the Flower strategy i
 from .checkpoint import CheckpointConfig, CheckpointError
 from .client import evaluate_client_half, train_client_half
 from .config import OptimizerConfig, Variant
-from .cut import CutError, SplitModel, join_halves, split_model
+from .cut import CutError, CutPoint, SplitModel, cut_points, join_halves, split_model
 from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
 from .privacy import PrivacyConfig, PrivacyConfigError
 from .protocol import DataPlaneTicket, Mode
@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "CutError",
+    "CutPoint",
     "DataPlane",
     "DataPlaneTicket",
     "EvaluateStats",
@@ -60,6 +61,7 @@ __all__ = [
     "TLSError",
     "TrainStats",
     "Variant",
+    "cut_points",
     "evaluate_client_half",
     "evaluate_locally",
     "join_halves",

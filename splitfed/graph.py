@@ -236,10 +236,22 @@ def cut_graph(model: nn.Module, *, cuts: Sequence[str], sample_input: Any) -> li
         and where the nearest valid cuts are.
     """
     names = _check_cut_names(cuts)
+    try:
+        return _cut(model, names, sample_input, stack_traces=False)
+    except CutError:
+        # Errors name lines of forward(); recording where every node came from costs a trace's
+        # worth of imports and memory, so it is done only to explain a refusal.
+        _cut(model, names, sample_input, stack_traces=True)
+        raise
+
+
+def _cut(
+    model: nn.Module, names: list[str], sample_input: Any, *, stack_traces: bool
+) -> list[GraphPiece]:
     modules = dict(model.named_modules(remove_duplicate=False))
     known = [name for name in names if name in modules]
     through = {prefix for name in known for prefix in _prefixes(name)}
-    analysis = _analyse(model, sample_input, trace_through=through)
+    analysis = _analyse(model, sample_input, trace_through=through, stack_traces=stack_traces)
     for name in names:
         if name not in modules:
             raise CutError(_unknown_name_message(name, modules, analysis))
@@ -396,9 +408,9 @@ class _Analysis:
 class _Tracer(fx.Tracer):
     """A tracer that records where each module call ends and which modules it traced into."""
 
-    def __init__(self, trace_through: set[str]) -> None:
+    def __init__(self, trace_through: set[str], *, stack_traces: bool = True) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = stack_traces
         self.trace_through = trace_through
         self.calls: dict[str, _Call] = {}
         self.traced: set[str] = set()
@@ -447,7 +459,9 @@ class _Tracer(fx.Tracer):
         return result
 
 
-def _analyse(model: nn.Module, sample_input: Any, *, trace_through: set[str]) -> _Analysis:
+def _analyse(
+    model: nn.Module, sample_input: Any, *, trace_through: set[str], stack_traces: bool = True
+) -> _Analysis:
     """Trace ``model`` in train and eval mode and propagate ``sample_input`` through both."""
     args, kwargs = _split_input(sample_input)
     signature = _signature(model)
@@ -460,7 +474,7 @@ def _analyse(model: nn.Module, sample_input: Any, *, trace_through: set[str]) ->
     try:
         for training in (True, False):
             model.train(training)
-            tracer = _Tracer(trace_through)
+            tracer = _Tracer(trace_through, stack_traces=stack_traces)
             graph = _trace(tracer, model, concrete)
             # The tracer stores constant tensors made in forward as attributes of the model.
             made = {key: model.__dict__.pop(key) for key in set(model.__dict__) - attributes}
@@ -1133,7 +1147,7 @@ def _nearest_message(trace: _Trace, position: int, analysis: _Analysis) -> str:
     near_after = _point_label(after[0], trace) if after else "none"
     return (
         f"Nearest cut points where exactly one tensor crosses: before it {near_before}, "
-        f"after it {near_after}. Call splitfed.graph.cut_points(model, sample_input=...) to list "
+        f"after it {near_after}. Call splitfed.cut_points(model, sample_input=...) to list "
         "all."
     )
 

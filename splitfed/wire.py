@@ -532,9 +532,10 @@ def _read_header(view: memoryview, limits: FrameLimits | None) -> _Layout:
         raise WireFormatError(
             f"frame header is not valid: the tensors must be a list, got {_show(entries)}"
         )
-    most = MAX_TENSORS if specs is None else len(specs)
-    if len(entries) > most:
-        raise WireFormatError(f"frame lists {len(entries)} tensors; at most {most} are accepted")
+    if len(entries) > MAX_TENSORS:  # under limits, the first tensor too many is refused by name
+        raise WireFormatError(
+            f"frame lists {len(entries)} tensors; at most {MAX_TENSORS} are accepted"
+        )
 
     checked: list[_Entry] = []
     names: set[str] = set()
@@ -617,7 +618,7 @@ def _read_entry(index: int, entry: object) -> tuple[_Entry, int]:
     if not _is_int(nbytes):
         _invalid(index, entry, "the byte length must be an integer")
     shown = _show(name)
-    if codec != "none" and codec not in _CODECS:
+    if len(entry) == 5 and codec not in _CODECS:
         raise WireFormatError(
             f"tensor {shown} travelled with compression {_show(codec)}; this version decodes "
             f"{', '.join(repr(c) for c in _CODECS)}"
@@ -870,21 +871,21 @@ def _decode_int8(view: memoryview, start: int, out: torch.Tensor, scales: torch.
     columns_at_once = min(columns, _CHUNK_VALUES)
     size = min(out.numel(), _CHUNK_VALUES)
     values = torch.empty(size, dtype=torch.int8)
-    products = None if out.dtype == _SCALE else torch.empty(size, dtype=_SCALE)
+    floats = torch.empty(size, dtype=_SCALE)
     for row in range(0, rows, rows_at_once):
         height = min(rows_at_once, rows - row)
         for column in range(0, columns, columns_at_once):
             width = min(columns_at_once, columns - column)
             part = values[: height * width]
             _copy_bytes(view, start + row * columns + column, part)
+            product = floats[: height * width].view(height, width)
+            product.copy_(part.view(height, width))  # exact: every int8 is a float32
             target = grid[row : row + height, column : column + width]
             row_scales = scales[row : row + height, None]
-            if products is None:
-                torch.mul(part.view(height, width), row_scales, out=target)
+            if out.dtype == _SCALE:
+                torch.mul(product, row_scales, out=target)
             else:
-                product = products[: height * width].view(height, width)
-                torch.mul(part.view(height, width), row_scales, out=product)
-                target.copy_(product)
+                target.copy_(product.mul_(row_scales))
 
 
 def _rows(shape: Sequence[int], compression: str) -> int:

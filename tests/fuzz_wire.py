@@ -11,7 +11,9 @@ carries no native backtrace and no address::
 
 It prints how many inputs it tried, decoded and refused, the most common reasons for refusing, and
 every distinct problem it found (an exception type and the start of its message); its exit status
-is 1 if it found one.
+is 1 if it found one. With atheris installed, the same checks run coverage-guided::
+
+    mkdir -p corpus && python tests/fuzz_wire.py --atheris -max_total_time=600 corpus
 """
 
 from __future__ import annotations
@@ -416,13 +418,66 @@ def check_one(data: bytes, limits: FrameLimits | None) -> tuple[bool, str | None
     return True, None, ""
 
 
+FIXED_LIMITS = [None, *(batch_limits(random.Random(seed)) for seed in range(7))]
+"""The limits a coverage-guided input picks from with its first byte."""
+
+
+def coverage_guided(arguments: list[str], corpus_size: int = 2000) -> int:
+    """Run the decoder under atheris (libFuzzer), guided by the coverage of :mod:`splitfed.wire`.
+
+    An input's first byte picks its limits from :data:`FIXED_LIMITS`; the rest is the frame. The
+    corpus starts from valid frames and their mutations; an input with a problem stops the run
+    and is written to a ``crash-*`` file. ``arguments`` go to libFuzzer, e.g.
+    ``-max_total_time=600 -max_len=4096 CORPUS_DIR``.
+    """
+    import atheris  # noqa: PLC0415  (optional: pip install atheris)
+
+    from splitfed import wire  # noqa: PLC0415
+
+    for value in vars(wire).values():
+        functions = vars(value).values() if isinstance(value, type) else [value]
+        for function in functions:
+            if callable(function) and getattr(function, "__module__", None) == wire.__name__:
+                atheris.instrument_func(function)
+    directories = [a for a in arguments if not a.startswith("-")]
+    if directories:
+        rng = random.Random(0)
+        for index in range(corpus_size):
+            choice = index % len(FIXED_LIMITS)
+            limits = FIXED_LIMITS[choice]
+            frame, codec = any_frame(rng) if limits is None else frame_for(rng, limits)
+            with open(f"{directories[0]}/seed-{index}", "wb") as file:
+                file.write(bytes([choice]) + encode(frame, codec))
+
+    def one_input(raw: bytes) -> None:
+        if not raw:
+            return
+        limits = FIXED_LIMITS[raw[0] % len(FIXED_LIMITS)]
+        _, problem, _ = check_one(raw[1:], limits)
+        if problem is not None:
+            raise AssertionError(problem)
+
+    atheris.Setup([sys.argv[0], *arguments], one_input)
+    atheris.Fuzz()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=500_000, help="most inputs to try")
     parser.add_argument("--seconds", type=float, default=600.0, help="most seconds to run")
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--atheris",
+        action="store_true",
+        help="run coverage-guided under atheris instead; other arguments go to libFuzzer",
+    )
+    args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
+    if args.atheris:
+        return coverage_guided(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     rng = random.Random(args.seed)
     tried = decoded = refused = 0
     reasons: Counter[str] = Counter()
