@@ -540,28 +540,33 @@ def _trace(tracer: _Tracer, model: nn.Module, concrete: dict[str, Any]) -> fx.Gr
 def _propagate(
     model: nn.Module, graph: fx.Graph, inputs: list[Any], constants: dict[str, Any]
 ) -> dict[fx.Node, _Value]:
-    """Record the shape and dtype of every node's value, on meta tensors where possible."""
+    """Record the shape and dtype of every node's value.
+
+    A model with real weights runs the sample once, in eval mode, without gradients and with
+    the random state restored, so nothing of it changes; this is fast, and torch's meta kernels
+    (whose first use imports much of torch's compiler) are needed only for a model on the meta
+    device, or one whose sample must move to another device first.
+    """
+    real_error: Exception | None = None
+    if not _on_meta(model):
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
+                states = {module: module.training for module in model.modules()}
+                model.eval()
+                try:
+                    return _record(model, graph, inputs, constants)
+                finally:
+                    for module, mode in states.items():
+                        module.training = mode
+        except Exception as err:
+            real_error = err
     try:
         return _propagate_on_meta(model, graph, inputs, constants)
     except Exception as meta_err:
-        if _on_meta(model):
-            raise CutError(
-                f"the model fails on meta tensors of sample_input{_failure(meta_err)}. Check "
-                "that sample_input is a batch of the model's inputs"
-            ) from meta_err
-    # Some operations have no meta kernel: run the real model once, without side effects.
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
-            states = {module: module.training for module in model.modules()}
-            model.eval()
-            try:
-                return _record(model, graph, inputs, constants)
-            finally:
-                for module, mode in states.items():
-                    module.training = mode
-    except Exception as err:
+        err = real_error or meta_err
+        on = "" if real_error else "meta tensors of "
         raise CutError(
-            f"the model fails on sample_input{_failure(err)}. Check that sample_input is a "
+            f"the model fails on {on}sample_input{_failure(err)}. Check that sample_input is a "
             "batch of the model's inputs"
         ) from err
 
