@@ -9,6 +9,8 @@ transport; another transport implements the same methods.
 from __future__ import annotations
 
 import queue
+import random
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,6 +107,10 @@ class GrpcDataPlane:
         How activations travel, and so the gradients the split server returns: ``"none"``
         (exact), ``"fp16"``, ``"bf16"``, ``"int8-row"`` or ``"int8-tensor"`` (see
         :data:`splitfed.wire.COMPRESSIONS`).
+    admission_timeout : float (default: 600.0)
+        Seconds to keep asking for a stream while the split server serves as many clients at
+        once as it allows (it answers ``RESOURCE_EXHAUSTED``); the stream is asked for again
+        after a pause that doubles from 0.05 s to 2 s, with jitter.
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class GrpcDataPlane:
         root_certificates: bytes | None = None,
         connect_timeout: float = 30.0,
         compression: str = "none",
+        admission_timeout: float = 600.0,
     ) -> None:
         if mode not in Mode.ALL:
             raise ValueError(f"mode must be one of {', '.join(Mode.ALL)}; got {mode!r}")
@@ -144,17 +151,20 @@ class GrpcDataPlane:
                 "that the split server's certificate names this address and is signed by the "
                 "CA in split-server-ca-certfile"
             ) from None
+        self.admission_timeout = admission_timeout
+        self._metadata = (
+            (METADATA_NODE, str(node_id)),
+            (METADATA_ROUND, str(server_round)),
+            (METADATA_MODE, mode),
+            (METADATA_TOKEN, token),
+        )
+        self._admitted = False  # until the server answered a first frame on this stream
+        self._open()
+
+    def _open(self) -> None:
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         call = self._channel.stream_stream(STREAM_METHOD)
-        self._replies = call(
-            iter(self._outbox.get, None),
-            metadata=(
-                (METADATA_NODE, str(node_id)),
-                (METADATA_ROUND, str(server_round)),
-                (METADATA_MODE, mode),
-                (METADATA_TOKEN, token),
-            ),
-        )
+        self._replies = call(iter(self._outbox.get, None), metadata=self._metadata)
 
     @classmethod
     def from_ticket(cls, ticket: DataPlaneTicket, *, node_id: int) -> GrpcDataPlane:
@@ -229,23 +239,11 @@ class GrpcDataPlane:
         """Send ``request``; return the reply, which must be an ``expect`` frame for the same
         step carrying ``tensor``."""
         data = encode_frame(request, compression=self.compression)
-        self._outbox.put(data)
-        self.bytes_sent += len(data)
         step = request.step
+        reply_data = self._send(data, step)
+        self.bytes_received += len(reply_data)
         try:
-            data = next(self._replies)
-        except grpc.RpcError as err:
-            raise SplitServerError(
-                f"the split server at {self.address} ended the stream at step {step}: "
-                f"{err.code().name}: {err.details()}"
-            ) from None
-        except StopIteration:
-            raise SplitServerError(
-                f"the split server at {self.address} closed the stream at step {step}"
-            ) from None
-        self.bytes_received += len(data)
-        try:
-            reply = decode_frame(data)
+            reply = decode_frame(reply_data)
         except WireFormatError as err:
             raise SplitServerError(f"unreadable reply from the split server: {err}") from err
         if reply.kind == FrameKind.ERROR:
@@ -258,6 +256,35 @@ class GrpcDataPlane:
                 f"step {reply.step}"
             )
         return reply
+
+    def _send(self, data: bytes, step: int) -> bytes:
+        """Send one frame and return the reply's bytes; until the stream is admitted, ask again
+        while the split server is at its limit of concurrent streams."""
+        deadline = time.monotonic() + self.admission_timeout
+        pause = 0.05
+        while True:
+            self._outbox.put(data)
+            self.bytes_sent += len(data)
+            try:
+                reply: bytes = next(self._replies)
+                self._admitted = True
+                return reply
+            except grpc.RpcError as err:
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._admitted
+                if not busy or time.monotonic() + pause > deadline:
+                    raise SplitServerError(
+                        f"the split server at {self.address} ended the stream at step {step}: "
+                        f"{err.code().name}: {err.details()}"
+                    ) from None
+            except StopIteration:
+                raise SplitServerError(
+                    f"the split server at {self.address} closed the stream at step {step}"
+                ) from None
+            # Busy: wait for a free stream, then ask again on a new one.
+            self._replies.cancel()
+            time.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(2 * pause, 2.0)
+            self._open()
 
     def close(self) -> None:
         self._outbox.put(None)

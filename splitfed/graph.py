@@ -558,17 +558,17 @@ def _propagate(
                 finally:
                     for module, mode in states.items():
                         module.training = mode
-        except Exception as err:
-            real_error = err
+        except Exception as real_err:
+            real_error = real_err
     try:
         return _propagate_on_meta(model, graph, inputs, constants)
     except Exception as meta_err:
-        err = real_error or meta_err
+        failure = real_error or meta_err
         on = "" if real_error else "meta tensors of "
         raise CutError(
-            f"the model fails on {on}sample_input{_failure(err)}. Check that sample_input is a "
-            "batch of the model's inputs"
-        ) from err
+            f"the model fails on {on}sample_input{_failure(failure)}. Check that sample_input "
+            "is a batch of the model's inputs"
+        ) from failure
 
 
 class _NodeFailure(Exception):
