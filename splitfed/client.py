@@ -134,6 +134,12 @@ def _train(
             client_half=split.client_half,
             server_loss_reduction=ticket.server_loss_reduction,
         )
+    batch_size = getattr(train_loader, "batch_size", None)
+    if ticket.max_batch_size and batch_size and batch_size > ticket.max_batch_size:
+        raise ValueError(
+            f"the loader's batch_size {batch_size} is more than the split server accepts "
+            f"({ticket.max_batch_size} examples, its max_batch_size): use smaller batches"
+        )
     arrays = _single_array_record(msg)
     if ticket.resume_local and STATE_CLIENT_HALF_KEY in context.state.array_records:
         arrays = context.state.array_records[STATE_CLIENT_HALF_KEY]

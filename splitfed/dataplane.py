@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from .protocol import (
+    BUSY,
     GRPC_OPTIONS,
     METADATA_MODE,
     METADATA_NODE,
@@ -270,7 +271,11 @@ class GrpcDataPlane:
                 self._admitted = True
                 return reply
             except grpc.RpcError as err:
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not self._admitted
+                busy = (
+                    err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and str(err.details()).startswith(BUSY)
+                    and not self._admitted
+                )
                 if not busy or time.monotonic() + pause > deadline:
                     raise SplitServerError(
                         f"the split server at {self.address} ended the stream at step {step}: "

@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 from flwr.app import ConfigRecord, Message
 
 __all__ = [
+    "BUSY",
     "GRPC_OPTIONS",
     "MAX_FRAME_BYTES",
     "METADATA_MODE",
@@ -42,6 +43,11 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_FRAME_BYTES),
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
 ]
+
+BUSY = "split server busy"
+"""How the split server's ``RESOURCE_EXHAUSTED`` answer begins when it serves ``max_streams``
+streams already: the client asks again later (any other ``RESOURCE_EXHAUSTED``, such as a frame
+over gRPC's size limit, ends the stream)."""
 
 TICKET_KEY = "splitfed"
 """Key of the ticket's ``ConfigRecord`` in a SplitFed ``train`` or ``evaluate`` message."""

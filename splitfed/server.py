@@ -8,7 +8,16 @@ answered with the batch's loss (EVALUATION) and nothing is trained.
 
 Streams authenticate with a token derived from a per-run secret, the round, the mode and the node
 id (HMAC-SHA256, :func:`splitfed.protocol.round_token`); it reaches the client inside Flower's
-message, and only nodes selected for the current round hold a valid one.
+message, and only nodes selected for the current round hold a valid one, for one stream.
+
+A request is checked before it costs anything: a frame is refused from its header when its kind,
+tensors, dtypes, shapes or batch size are not what the server half accepts (gRPC refuses frames
+larger than the largest acceptable batch before they arrive), and a batch is refused before any
+optimizer step when its loss or gradients are not finite (see :mod:`splitfed.server_half`). A
+refused request changes nothing. Limits are explicit: ``max_streams`` streams at once (more are
+answered ``RESOURCE_EXHAUSTED`` and clients ask again), ``max_batch_size`` examples a batch, a
+stream idle for ``idle_timeout`` seconds is closed, and a label-private batch waits at most
+``hold_timeout`` seconds for its output gradient. Each limit is logged when hit and counted.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +37,7 @@ import grpc
 import torch
 
 from .protocol import (
-    GRPC_OPTIONS,
+    BUSY,
     METADATA_MODE,
     METADATA_NODE,
     METADATA_ROUND,
@@ -36,14 +46,31 @@ from .protocol import (
     Mode,
     round_token,
 )
-from .server_half import RefusedBatch, ServerHalfTrainer
+from .server_half import RefusedBatch, ServerHalfTrainer, StepResult
 from .tls import TLSCredentials
-from .wire import Frame, FrameKind, WireFormatError, decode_frame, encode_frame
+from .wire import (
+    Frame,
+    FrameKind,
+    FrameLimits,
+    TensorSpec,
+    WireFormatError,
+    decode_frame,
+    encode_frame,
+    max_frame_bytes,
+)
 
 __all__ = ["BatchError", "RoundStats", "SplitServer"]
 
 logger = logging.getLogger("flwr_splitfed")
 _T = TypeVar("_T")
+
+_HEADROOM = 16
+"""Handler threads beyond ``max_streams``: they answer streams over the limit at once."""
+_WATCH_INTERVAL = 0.25
+"""Seconds between the watchdog's looks for idle streams and stale label-private batches."""
+_LOGGED_REFUSALS = 20
+"""Refusals logged per round; the rest are counted and summed up when the round closes."""
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 class BatchError(ValueError):
@@ -52,7 +79,7 @@ class BatchError(ValueError):
 
 @dataclass
 class RoundStats:
-    """What crossed the data plane in one round."""
+    """What crossed the data plane in one round, and what was refused."""
 
     server_round: int
     mode: str = Mode.TRAIN
@@ -61,12 +88,24 @@ class RoundStats:
     batches: int = 0
     refused_batches: int = 0
     refused_streams: int = 0
+    busy_refusals: int = 0
+    """Streams answered ``RESOURCE_EXHAUSTED`` because ``max_streams`` were open (clients ask
+    again)."""
+    idle_streams_closed: int = 0
+    released_holds: int = 0
+    """Label-private batches dropped because their output gradient did not come in time."""
     examples_by_node: dict[int, int] = field(default_factory=dict)
 
     @property
     def data_plane_bytes(self) -> int:
         """Bytes in both directions."""
         return self.bytes_received + self.bytes_sent
+
+
+@dataclass
+class _Stream:
+    context: grpc.ServicerContext
+    last_frame: float
 
 
 class SplitServer:
@@ -87,7 +126,27 @@ class SplitServer:
         interfaces (``0.0.0.0``), this host's name is advertised: set it when clients reach the
         server through another name or address.
     max_streams : int (default: 64)
-        Most concurrent client streams; one more is refused with RESOURCE_EXHAUSTED.
+        Most streams served at once. A stream over the limit is answered ``RESOURCE_EXHAUSTED``
+        at once, and the client asks again with backoff until one is free; each such answer is
+        counted (``RoundStats.busy_refusals``) and logged.
+    max_batch_size : int (default: 4096)
+        Most examples in one batch. With the activation shape it bounds the largest frame the
+        server accepts, and so the memory one frame can cost; larger frames are refused from
+        their size or header, before they are read.
+    labels : TensorSpec | None (default: None)
+        What one example's labels are. ``None`` means one int64 class index per example, as
+        ``nn.CrossEntropyLoss`` takes them; give e.g. ``TensorSpec(frozenset({torch.float32}),
+        (3,))`` for a loss that takes three floats per example.
+    output_shape : tuple[int, ...] | None (default: None)
+        The label-private split: one example of the server half's output (the shape of the
+        output gradients clients send back). Required with ``label_private``.
+    idle_timeout : float (default: 120.0)
+        Seconds a stream may go without sending a frame before the server closes it and frees
+        its slot. A client's forward and backward pass of one batch must fit in it.
+    hold_timeout : float (default: 60.0)
+        The label-private split: seconds a batch waits for its output gradient. SFLV2 holds its
+        one server half for that time; past it the batch is dropped (as if never sent) and the
+        half is free for the other clients.
     tls : TLSCredentials | None (default: None)
         Serve TLS with this certificate. Required unless ``insecure=True``.
     insecure : bool (default: False)
@@ -114,24 +173,47 @@ class SplitServer:
         address: str = "127.0.0.1:0",
         advertised_address: str | None = None,
         max_streams: int = 64,
+        max_batch_size: int = 4096,
+        labels: TensorSpec | None = None,
+        output_shape: tuple[int, ...] | None = None,
+        idle_timeout: float = 120.0,
+        hold_timeout: float = 60.0,
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         label_private: bool = False,
         intra_op_threads: int | None = None,
     ) -> None:
+        problems = []
         if intra_op_threads is not None and intra_op_threads < 1:
-            raise ValueError(
+            problems.append(
                 f"intra_op_threads must be at least 1, or None to leave torch's setting; got "
                 f"{intra_op_threads}"
             )
+        if max_streams < 1 or max_batch_size < 1:
+            problems.append(
+                f"max_streams and max_batch_size must be at least 1; got {max_streams} and "
+                f"{max_batch_size}"
+            )
+        if not idle_timeout > 0 or not hold_timeout > 0:
+            problems.append(
+                f"idle_timeout and hold_timeout must be positive (seconds); got {idle_timeout} "
+                f"and {hold_timeout}"
+            )
+        if label_private and output_shape is None:
+            problems.append(
+                "the label-private split needs output_shape, the shape of one example of the "
+                "server half's output (SplitModel.output_shape)"
+            )
         if tls is None and not insecure:
-            raise ValueError(
+            problems.append(
                 "the split server needs TLS credentials: pass tls=TLSCredentials.from_files("
                 "certfile=..., keyfile=..., ca_certfile=...), or insecure=True to serve "
                 "plaintext on a single machine or a private network"
             )
         if tls is not None and insecure:
-            raise ValueError("pass either tls=... or insecure=True, not both")
+            problems.append("pass either tls=... or insecure=True, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.tls = tls
         self.trainer = trainer
         self.activation_shape = tuple(activation_shape)
@@ -139,19 +221,62 @@ class SplitServer:
         self.bind_address = address
         self._advertised = advertised_address or None
         self.max_streams = max_streams
+        self.max_batch_size = max_batch_size
+        self.idle_timeout = idle_timeout
+        self.hold_timeout = hold_timeout
         self.label_private = label_private
         self.intra_op_threads = intra_op_threads
+        self.limits = self._frame_limits(labels, output_shape)
+        kind = "the label-private split" if label_private else "the plain split"
+        shape = "x".join(map(str, self.activation_shape))
+        self._expects = (
+            f"This split server runs {kind} on activations of {shape} "
+            f"{str(activation_dtype).removeprefix('torch.')} per example, at most "
+            f"{max_batch_size} a batch: the client must cut the same model at the same place and "
+            "send what its client half outputs"
+        )
         self._secret = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._steps_done = threading.Condition(self._lock)
         self._round = 0
         self._mode = Mode.TRAIN
         self._selected: frozenset[int] = frozenset()
+        self._used: set[int] = set()  # nodes that opened their stream of this round
         self._stats = RoundStats(server_round=0)
-        self._streams: dict[int, grpc.ServicerContext] = {}  # open streams of this round
+        self._streams: dict[int, _Stream] = {}  # open streams of this round
         self._steps_in_flight = 0
+        self._logged = 0
         self._server: grpc.Server | None = None
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self.address: str | None = None
+
+    def _frame_limits(
+        self, labels: TensorSpec | None, output_shape: tuple[int, ...] | None
+    ) -> dict[str, FrameLimits]:
+        """What each kind of stream accepts, checked from a frame's header."""
+        activations = TensorSpec(frozenset({self.activation_dtype}), self.activation_shape)
+        labels = labels or TensorSpec(frozenset({torch.int64}), ())
+        batch = {"activations": activations, "labels": labels}
+        if self.label_private:
+            assert output_shape is not None
+            gradient = TensorSpec(_FLOAT_DTYPES, tuple(output_shape))
+            kinds = {
+                Mode.TRAIN: {
+                    FrameKind.SMASHED: {"activations": activations},
+                    FrameKind.OUTPUT_GRADIENT: {"gradient": gradient},
+                },
+                Mode.EVALUATE: {FrameKind.SMASHED: {"activations": activations}},
+            }
+        else:
+            kinds = {
+                Mode.TRAIN: {FrameKind.FORWARD: batch},
+                Mode.EVALUATE: {FrameKind.EVALUATE: batch},
+            }
+        return {
+            mode: FrameLimits(kinds=accepted, max_batch=self.max_batch_size)
+            for mode, accepted in kinds.items()
+        }
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -161,10 +286,16 @@ class SplitServer:
             raise RuntimeError("the split server is already running; call stop() first")
         if self.intra_op_threads is not None:
             torch.set_num_threads(self.intra_op_threads)
+        largest = max(max_frame_bytes(limits) for limits in self.limits.values())
+        threads = self.max_streams + _HEADROOM
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=self.max_streams, thread_name_prefix="split-server"),
-            options=GRPC_OPTIONS,
-            maximum_concurrent_rpcs=self.max_streams,
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="split-server"),
+            options=[
+                # A frame larger than the largest acceptable batch is refused before it arrives.
+                ("grpc.max_receive_message_length", largest),
+                ("grpc.max_send_message_length", -1),
+            ],
+            maximum_concurrent_rpcs=threads,
         )
         handler = grpc.method_handlers_generic_handler(
             SERVICE, {"Train": grpc.stream_stream_rpc_method_handler(self._serve_stream)}
@@ -186,6 +317,11 @@ class SplitServer:
             ) from err
         server.start()
         self._server = server
+        self._stopping.clear()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="split-server-watchdog", daemon=True
+        )
+        self._watchdog.start()
         bound = f"{host}:{port}"
         if self._advertised:
             self.address = self._advertised
@@ -194,10 +330,15 @@ class SplitServer:
         else:
             self.address = bound
         logger.info(
-            "Split server listening on %s with %s (clients dial %s)",
+            "Split server listening on %s with %s (clients dial %s); limits: %d streams at "
+            "once, %d examples and %.1f MB a frame, %.0f s idle",
             bound,
             "TLS" if self.tls else "no TLS",
             self.address,
+            self.max_streams,
+            self.max_batch_size,
+            largest / 1e6,
+            self.idle_timeout,
         )
         if self.tls is None:
             reach = (
@@ -217,6 +358,10 @@ class SplitServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop serving and release the trainer's threads."""
+        self._stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
@@ -244,7 +389,9 @@ class SplitServer:
         with self._lock:
             self._round, self._mode = server_round, mode
             self._selected = frozenset(node_ids)
+            self._used = set()
             self._stats = RoundStats(server_round=server_round, mode=mode)
+            self._logged = 0
         if mode == Mode.TRAIN:
             self.trainer.begin_round(list(node_ids))
         else:
@@ -264,17 +411,25 @@ class SplitServer:
             self._selected = frozenset()
             open_streams = dict(self._streams)
             self._streams.clear()
-            for node_id, context in open_streams.items():
+            for node_id, stream in open_streams.items():
                 logger.warning(
                     "Split server cut the stream of node %s: round %s ended before the client "
                     "finished (it stalled, failed, or its reply came too late)",
                     node_id,
                     self._round,
                 )
-                context.cancel()
+                stream.context.cancel()
             self._steps_done.wait_for(lambda: self._steps_in_flight == 0)
-            stats, mode = self._stats, self._mode
+            stats, mode, unlogged = self._stats, self._mode, self._logged - _LOGGED_REFUSALS
+        if unlogged > 0:
+            logger.warning(
+                "Split server: %d more refusals in round %d were not logged one by one (the "
+                "round's metrics count them all)",
+                unlogged,
+                stats.server_round,
+            )
         if mode == Mode.TRAIN:
+            self.trainer.abandon_stale(0.0)  # a batch left waiting for its output gradient
             stats.examples_by_node = dict(self.trainer.examples_by_node)
         else:
             self.trainer.end_evaluation()
@@ -283,18 +438,20 @@ class SplitServer:
     # -- the stream -----------------------------------------------------------------------------
 
     def _authenticate(self, context: grpc.ServicerContext) -> int:
+        """Check the stream's credential; take a stream slot; return the node id."""
         metadata = dict(context.invocation_metadata())
         try:
             node_id = int(metadata[METADATA_NODE])
             server_round = int(metadata[METADATA_ROUND])
             mode = str(metadata.get(METADATA_MODE, Mode.TRAIN))
             token = str(metadata[METADATA_TOKEN])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             self._refuse(context, "?", "the stream carries no valid credential metadata")
         with self._lock:
             current_round, current_mode, selected = self._round, self._mode, self._selected
         expected = round_token(self._secret, server_round, node_id, mode)
-        if not hmac.compare_digest(expected, token):
+        # Compared as bytes: a token of any characters is refused, never an exception.
+        if not hmac.compare_digest(expected.encode(), token.encode("utf-8", "surrogateescape")):
             self._refuse(context, node_id, "the credential is not valid for this run")
         if server_round != current_round or mode != current_mode or node_id not in selected:
             self._refuse(
@@ -304,19 +461,41 @@ class SplitServer:
                 f"{current_mode} of round {current_round})",
             )
         with self._lock:
-            duplicate = node_id in self._streams
-            if not duplicate:
-                self._streams[node_id] = context
-        if duplicate:
-            self._refuse(context, node_id, "the node already has a stream open in this round")
+            used = node_id in self._used
+            busy = not used and len(self._streams) >= self.max_streams
+            if not used and not busy:
+                self._used.add(node_id)
+                self._streams[node_id] = _Stream(context, time.monotonic())
+            elif busy:
+                self._stats.busy_refusals += 1
+        if used:
+            self._refuse(context, node_id, "the node already opened its stream of this round")
+        if busy:
+            self._log(
+                "Split server is at its limit of %d streams at once; node %s asks again",
+                self.max_streams,
+                node_id,
+            )
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{BUSY}: it serves {self.max_streams} streams at once; ask again shortly",
+            )
         return node_id
 
     def _refuse(self, context: grpc.ServicerContext, node_id: object, reason: str) -> NoReturn:
         with self._lock:
             self._stats.refused_streams += 1
-        logger.warning("Split server refused a stream from node %s: %s", node_id, reason)
+        self._log("Split server refused a stream from node %s: %s", node_id, reason)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, f"split server refused the stream: {reason}")
         raise AssertionError("unreachable: context.abort raises")
+
+    def _log(self, message: str, *arguments: object) -> None:
+        """A warning, unless this round already logged :data:`_LOGGED_REFUSALS` of them."""
+        with self._lock:
+            self._logged += 1
+            shown = self._logged <= _LOGGED_REFUSALS
+        if shown:
+            logger.warning(message, *arguments)
 
     def _serve_stream(
         self, requests: Iterator[bytes], context: grpc.ServicerContext
@@ -325,17 +504,18 @@ class SplitServer:
         with self._lock:
             mode = self._mode
         if mode == Mode.EVALUATE:
-            steps: _Steps = _EvaluationSteps(self, node_id)
+            steps: _Steps = _EvaluationSteps(self, node_id, self.limits[mode])
         elif self.label_private:
-            steps = _LabelPrivateSteps(self, node_id)
+            steps = _LabelPrivateSteps(self, node_id, self.limits[mode])
         else:
-            steps = _PlainSteps(self, node_id)
+            steps = _PlainSteps(self, node_id, self.limits[mode])
         try:
             yield from self._serve_frames(node_id, requests, context, steps)
         finally:
             steps.abandon()
             with self._lock:
-                if self._streams.get(node_id) is context:
+                stream = self._streams.get(node_id)
+                if stream is not None and stream.context is context:
                     del self._streams[node_id]
 
     def _serve_frames(
@@ -348,95 +528,84 @@ class SplitServer:
         """Answer each frame through ``steps``; a refused frame gets an ERROR reply."""
         for data in requests:
             with self._lock:
-                if self._streams.get(node_id) is not context:
-                    return  # the round was closed while this frame was on its way
+                stream = self._streams.get(node_id)
+                if stream is None or stream.context is not context:
+                    return  # the round was closed, or the stream idled out, meanwhile
+                stream.last_frame = time.monotonic()
                 self._steps_in_flight += 1
-            step, compression, finished = steps.expected_step, "none", False
+            step, finished = steps.expected_step, False
             try:
-                frame = decode_frame(data)
+                try:
+                    frame = decode_frame(data, limits=steps.limits)
+                except WireFormatError as err:
+                    raise BatchError(f"{err}. {self._expects}") from err
                 step = frame.step
                 # Reply in kind: the answer travels in the codec the request came in.
                 compression = next(iter(frame.codecs.values()), "none")
-                reply, finished = steps.answer(frame)
+                encoded, finished = steps.answer(frame, compression)
             except (WireFormatError, BatchError) as err:
-                logger.warning("Split server refused step %s from node %s: %s", step, node_id, err)
+                self._log("Split server refused step %s from node %s: %s", step, node_id, err)
                 steps.abandon()
-                reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
+                encoded = encode_frame(Frame(FrameKind.ERROR, step, scalars={"error": str(err)}))
             finally:
                 with self._lock:
                     self._steps_in_flight -= 1
                     if not self._steps_in_flight:  # only close_round waits, for zero
                         self._steps_done.notify_all()
-            try:
-                encoded = encode_frame(reply, compression=compression)
-            except WireFormatError as err:  # e.g. a gradient beyond float16's range
-                logger.warning(
-                    "Split server cannot send step %s to node %s: %s", step, node_id, err
-                )
-                steps.abandon()
-                reply = Frame(FrameKind.ERROR, step, scalars={"error": str(err)})
-                encoded, finished = encode_frame(reply), False
             with self._lock:
                 self._stats.bytes_received += len(data)
                 self._stats.bytes_sent += len(encoded)
                 self._stats.batches += int(finished)
-                self._stats.refused_batches += int(reply.kind == FrameKind.ERROR)
+                self._stats.refused_batches += int(not finished and not steps.pending)
             yield encoded
 
-    def _validate_batch(
-        self, frame: Frame, *, expected_step: int, kind: str = FrameKind.FORWARD
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return a FORWARD frame's activations and labels, or raise :class:`BatchError`.
+    def _watch(self) -> None:
+        """Close idle streams and drop label-private batches whose gradient is late."""
+        while not self._stopping.wait(_WATCH_INTERVAL):
+            now = time.monotonic()
+            with self._lock:
+                idle = {
+                    node_id: stream
+                    for node_id, stream in self._streams.items()
+                    if now - stream.last_frame > self.idle_timeout
+                }
+                for node_id in idle:
+                    del self._streams[node_id]
+                self._stats.idle_streams_closed += len(idle)
+            for node_id, stream in idle.items():
+                self._log(
+                    "Split server closed the stream of node %s: no frame for %.0f s "
+                    "(idle_timeout); its slot is free",
+                    node_id,
+                    self.idle_timeout,
+                )
+                stream.context.cancel()
+            released = self.trainer.abandon_stale(self.hold_timeout)
+            if released:
+                with self._lock:
+                    self._stats.released_holds += len(released)
+                self._log(
+                    "Split server dropped the waiting batch of node(s) %s: no output gradient "
+                    "within %.0f s (hold_timeout); the server half is free",
+                    ", ".join(map(str, released)),
+                    self.hold_timeout,
+                )
 
-        With ``kind=SMASHED`` (the label-private split) the frame must carry no labels, and the
-        labels returned are an empty placeholder.
-        """
-        if frame.kind != kind:
+    # -- checks of a batch, beyond its header ---------------------------------------------------
+
+    @staticmethod
+    def _check_step(frame: Frame, *, expected: int) -> None:
+        if frame.step != expected:
             raise BatchError(
-                f"expected a {kind!r} frame, got {frame.kind!r}"
-                + (
-                    "; the client and the split server must both run the label-private split "
-                    "(a model cut with a server_cut), or both the plain one"
-                    if FrameKind.SMASHED in (kind, frame.kind)
-                    else ""
-                )
+                f"expected step {expected}, got {frame.step}: steps on a stream are numbered 1, "
+                "2, 3, ... with none skipped or repeated"
             )
-        if kind == FrameKind.SMASHED:
-            if "labels" in frame.tensors:
-                raise BatchError(
-                    "the frame carries labels, which stay on the client in the label-private "
-                    "split; send the activations alone"
-                )
-            smashed = frame.tensors.get("activations")
-            count = smashed.shape[0] if smashed is not None and smashed.dim() >= 1 else 0
-            frame = Frame(
-                frame.kind, frame.step, tensors={**frame.tensors, "labels": torch.empty(count)}
-            )
-        if frame.step != expected_step:
-            raise BatchError(
-                f"expected step {expected_step}, got {frame.step}: steps on a stream are "
-                "numbered 1, 2, 3, ... with none skipped or repeated"
-            )
-        missing = {"activations", "labels"} - frame.tensors.keys()
-        if missing:
-            raise BatchError(f"the batch lacks {', '.join(sorted(missing))}")
-        activations, labels = frame.tensors["activations"], frame.tensors["labels"]
-        if activations.dtype != self.activation_dtype:
-            raise BatchError(
-                f"activations are {activations.dtype}, the server half expects "
-                f"{self.activation_dtype}; cast the client half's output before sending"
-            )
-        if activations.dim() < 1 or tuple(activations.shape[1:]) != self.activation_shape:
-            raise BatchError(
-                f"activations have shape {tuple(activations.shape)}, the server half expects "
-                f"(batch, {', '.join(map(str, self.activation_shape))}); check that the client "
-                "runs the same client half and cut as the server"
-            )
-        if labels.dim() < 1 or labels.shape[0] != activations.shape[0]:
-            raise BatchError(
-                f"{activations.shape[0]} activations came with labels of shape "
-                f"{tuple(labels.shape)}; send one label per example"
-            )
+
+    @staticmethod
+    def _batch(frame: Frame, *, expected_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decoded batch's activations and labels (``None`` in the label-private split)."""
+        SplitServer._check_step(frame, expected=expected_step)
+        activations = frame.tensors["activations"]
         if activations.shape[0] == 0:
             raise BatchError("the batch is empty; skip empty batches on the client")
         if not bool(torch.isfinite(activations).all()):
@@ -444,127 +613,155 @@ class SplitServer:
                 "activations contain NaN or infinity; the client half diverged or its input is "
                 "not finite: lower the learning rate or check the data"
             )
-        return activations, labels
+        return activations, frame.tensors.get("labels")
 
     @staticmethod
-    def _run_server_half(method: Callable[..., _T], *arguments: Any) -> _T:
+    def _run_server_half(method: Callable[..., _T], *arguments: Any, **keywords: Any) -> _T:
         try:
-            return method(*arguments)
-        except RefusedBatch as err:
+            return method(*arguments, **keywords)
+        except (RefusedBatch, WireFormatError) as err:
             raise BatchError(str(err)) from err
         except Exception as err:  # the server half itself failed on this batch
             raise BatchError(f"the server half failed on this batch: {_first_line(err)}") from err
 
-    @staticmethod
-    def _validate_output_gradient(
-        frame: Frame, *, expected_step: int, output_shape: torch.Size
-    ) -> torch.Tensor:
-        """Return an OUTPUT_GRADIENT frame's gradient, or raise :class:`BatchError`."""
-        if frame.kind != FrameKind.OUTPUT_GRADIENT or frame.step != expected_step:
-            raise BatchError(
-                f"expected the {FrameKind.OUTPUT_GRADIENT!r} frame of step {expected_step}, got "
-                f"a {frame.kind!r} frame of step {frame.step}: send the gradient at the server "
-                "half's output before the next batch"
-            )
-        gradient = frame.tensors.get("gradient")
-        if gradient is None:
-            raise BatchError("the output-gradient frame lacks its 'gradient' tensor")
-        if gradient.shape != output_shape or not gradient.is_floating_point():
-            raise BatchError(
-                f"the output gradient has shape {tuple(gradient.shape)} and dtype "
-                f"{gradient.dtype}; the server half's output had shape {tuple(output_shape)}: "
-                "send one floating-point gradient of the same shape"
-            )
-        if not bool(torch.isfinite(gradient).all()):
-            raise BatchError(
-                "the output gradient contains NaN or infinity; the client head diverged: lower "
-                "the learning rate or check the data"
-            )
-        return gradient
-
 
 class _Steps:
-    """How one stream's frames are answered; subclasses are the kinds of split and evaluation."""
+    """How one stream's frames are answered; subclasses are the kinds of split and evaluation.
 
-    def __init__(self, server: SplitServer, node_id: int) -> None:
-        self.server, self.node_id, self.expected_step = server, node_id, 1
+    ``answer`` encodes its reply itself, so that a reply the codec cannot carry is refused
+    before the optimizer steps."""
 
-    def answer(self, frame: Frame) -> tuple[Frame, bool]:
-        """The reply to ``frame`` and whether it finished a batch; raises on a bad frame."""
+    def __init__(self, server: SplitServer, node_id: int, limits: FrameLimits) -> None:
+        self.server, self.node_id, self.limits, self.expected_step = server, node_id, limits, 1
+
+    @property
+    def pending(self) -> bool:
+        """Whether a batch waits for its second exchange (label-private training)."""
+        return False
+
+    def answer(self, frame: Frame, compression: str) -> tuple[bytes, bool]:
+        """The encoded reply to ``frame`` and whether it finished a batch; raises on a bad
+        frame."""
         raise NotImplementedError
 
     def abandon(self) -> None:
         """Drop a half-done batch (none unless a batch spans two exchanges)."""
 
 
-class _PlainSteps(_Steps):
-    """The plain split: FORWARD (activations, labels) is answered by BACKWARD (cut gradient)."""
+def _encoder(kind: str, step: int, compression: str) -> Callable[[StepResult], bytes]:
+    """Encodes the reply carrying a step's cut gradient, in the request's codec."""
 
-    def answer(self, frame: Frame) -> tuple[Frame, bool]:
-        activations, labels = self.server._validate_batch(frame, expected_step=self.expected_step)
-        result = SplitServer._run_server_half(
-            self.server.trainer.step, self.node_id, activations, labels
-        )
-        self.expected_step += 1
+    def encode(result: StepResult) -> bytes:
         reply = Frame(
-            FrameKind.BACKWARD,
-            frame.step,
+            kind,
+            step,
             tensors={"gradient": result.cut_gradient},
             scalars={"loss": result.loss, "correct": result.correct},
         )
-        return reply, True
+        return encode_frame(reply, compression=compression)
+
+    return encode
+
+
+class _PlainSteps(_Steps):
+    """The plain split: FORWARD (activations, labels) is answered by BACKWARD (cut gradient)."""
+
+    def answer(self, frame: Frame, compression: str) -> tuple[bytes, bool]:
+        activations, labels = SplitServer._batch(frame, expected_step=self.expected_step)
+        assert labels is not None  # the frame limits require them
+        encode = _encoder(FrameKind.BACKWARD, frame.step, compression)
+        encoded: list[bytes] = []
+        SplitServer._run_server_half(
+            self.server.trainer.step,
+            self.node_id,
+            activations,
+            labels,
+            before_step=lambda result: encoded.append(encode(result)),
+        )
+        self.expected_step += 1
+        return encoded[0], True
 
 
 class _EvaluationSteps(_Steps):
     """Evaluation: EVALUATE (activations, labels) is answered by EVALUATION (loss, correct); in
     the label-private split SMASHED (activations) is answered by SERVER_OUTPUT. Nothing trains."""
 
-    def answer(self, frame: Frame) -> tuple[Frame, bool]:
+    def answer(self, frame: Frame, compression: str) -> tuple[bytes, bool]:
         trainer = self.server.trainer
-        if self.server.label_private:
-            activations, _ = self.server._validate_batch(
-                frame, expected_step=self.expected_step, kind=FrameKind.SMASHED
-            )
+        activations, labels = SplitServer._batch(frame, expected_step=self.expected_step)
+        if labels is None:
             outputs = SplitServer._run_server_half(trainer.evaluate_outputs, activations)
-            self.expected_step += 1
-            return Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs}), True
-        activations, labels = self.server._validate_batch(
-            frame, expected_step=self.expected_step, kind=FrameKind.EVALUATE
-        )
-        loss, correct = SplitServer._run_server_half(trainer.evaluate_loss, activations, labels)
+            reply = Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs})
+        else:
+            loss, correct = SplitServer._run_server_half(trainer.evaluate_loss, activations, labels)
+            reply = Frame(
+                FrameKind.EVALUATION, frame.step, scalars={"loss": loss, "correct": correct}
+            )
         self.expected_step += 1
-        reply = Frame(FrameKind.EVALUATION, frame.step, scalars={"loss": loss, "correct": correct})
-        return reply, True
+        return encode_frame(reply, compression=compression), True
 
 
 class _LabelPrivateSteps(_Steps):
     """The label-private split: SMASHED is answered by SERVER_OUTPUT, then OUTPUT_GRADIENT by
     BACKWARD. A refused frame drops the step's pending batch."""
 
-    def __init__(self, server: SplitServer, node_id: int) -> None:
-        super().__init__(server, node_id)
+    def __init__(self, server: SplitServer, node_id: int, limits: FrameLimits) -> None:
+        super().__init__(server, node_id, limits)
         self.output_shape: torch.Size | None = None  # while a batch waits for its gradient
 
-    def answer(self, frame: Frame) -> tuple[Frame, bool]:
+    @property
+    def pending(self) -> bool:
+        return self.output_shape is not None
+
+    def answer(self, frame: Frame, compression: str) -> tuple[bytes, bool]:
         trainer = self.server.trainer
         if self.output_shape is None:
-            activations, _ = self.server._validate_batch(
-                frame, expected_step=self.expected_step, kind=FrameKind.SMASHED
-            )
+            if frame.kind != FrameKind.SMASHED:
+                raise BatchError(
+                    f"expected the {FrameKind.SMASHED!r} frame of step {self.expected_step}, "
+                    f"got a {frame.kind!r} frame: send a batch's activations first"
+                )
+            activations, _ = SplitServer._batch(frame, expected_step=self.expected_step)
             outputs = SplitServer._run_server_half(
                 trainer.forward_server_half, self.node_id, activations
             )
+            reply = Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs})
+            try:
+                sent = encode_frame(reply, compression=compression)
+            except WireFormatError as err:
+                trainer.abandon_server_half(self.node_id)
+                raise BatchError(str(err)) from err
             self.output_shape = outputs.shape
-            return Frame(FrameKind.SERVER_OUTPUT, frame.step, tensors={"outputs": outputs}), False
-        gradient = SplitServer._validate_output_gradient(
-            frame, expected_step=self.expected_step, output_shape=self.output_shape
-        )
+            return sent, False
+        if frame.kind != FrameKind.OUTPUT_GRADIENT:
+            raise BatchError(
+                f"expected the {FrameKind.OUTPUT_GRADIENT!r} frame of step "
+                f"{self.expected_step}, got a {frame.kind!r} frame: send the gradient at the "
+                "server half's output before the next batch"
+            )
+        SplitServer._check_step(frame, expected=self.expected_step)
+        gradient = frame.tensors["gradient"]
+        if gradient.shape != self.output_shape:
+            raise BatchError(
+                f"the output gradient has shape {tuple(gradient.shape)}; the server half's "
+                f"output had shape {tuple(self.output_shape)}: send one gradient of that shape"
+            )
+        if not bool(torch.isfinite(gradient).all()):
+            raise BatchError(
+                "the output gradient contains NaN or infinity; the client head diverged: lower "
+                "the learning rate or check the data"
+            )
         self.output_shape = None
-        result = SplitServer._run_server_half(trainer.backward_server_half, self.node_id, gradient)
+        encode = _encoder(FrameKind.BACKWARD, frame.step, compression)
+        encoded: list[bytes] = []
+        SplitServer._run_server_half(
+            trainer.backward_server_half,
+            self.node_id,
+            gradient,
+            before_step=lambda result: encoded.append(encode(result)),
+        )
         self.expected_step += 1
-        return Frame(
-            FrameKind.BACKWARD, frame.step, tensors={"gradient": result.cut_gradient}
-        ), True
+        return encoded[0], True
 
     def abandon(self) -> None:
         if self.output_shape is not None:

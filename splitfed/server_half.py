@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,11 @@ class StepResult:
     correct: int
 
 
+BeforeStep = Callable[[StepResult], None]
+"""Called with a batch's result once every check passed, just before the optimizer steps; if it
+raises, the batch is refused and nothing changes (the split server encodes its reply here)."""
+
+
 @dataclass
 class _Pending:
     """A label-private batch between its two exchanges."""
@@ -58,6 +64,7 @@ class _Pending:
     leaf: torch.Tensor
     outputs: torch.Tensor
     buffers: list[torch.Tensor]
+    started: float
 
 
 class ServerHalfTrainer(ABC):
@@ -109,17 +116,31 @@ class ServerHalfTrainer(ABC):
             self.steps_by_node = {node_id: 0 for node_id in node_ids}
             self.examples_by_node = {node_id: 0 for node_id in node_ids}
 
-    def step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def step(
+        self,
+        node_id: int,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        before_step: BeforeStep | None = None,
+    ) -> StepResult:
         """Train the server half on one batch from ``node_id``; return the gradient at the cut.
 
         Raises :class:`RefusedBatch` (and changes nothing) if the batch cannot be learned from.
+        ``before_step`` runs once the batch passed every check, before the optimizer steps.
         """
-        result = self._step(node_id, activations, labels)
+        result = self._step(node_id, activations, labels, before_step)
         self._count(node_id, len(labels))
         return result
 
     @abstractmethod
-    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def _step(
+        self,
+        node_id: int,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+        before_step: BeforeStep | None,
+    ) -> StepResult:
         """Variant-specific update for one batch."""
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
@@ -156,6 +177,7 @@ class ServerHalfTrainer(ABC):
         optimizer: torch.optim.Optimizer,
         activations: torch.Tensor,
         labels: torch.Tensor,
+        before_step: BeforeStep | None = None,
     ) -> StepResult:
         """Forward, backward, every check, then one optimizer step: the one update rule."""
         buffers = _buffers(module)  # the forward pass updates BatchNorm statistics
@@ -173,13 +195,19 @@ class ServerHalfTrainer(ABC):
             _check_buffers(module)
             loss.backward()
             cut_gradient = self._checked_gradients(loss, module, leaf)
-            correct = _correct(outputs.detach(), labels)
+            result = StepResult(
+                cut_gradient=cut_gradient,
+                loss=float(loss.detach()),
+                correct=_correct(outputs.detach(), labels),
+            )
+            if before_step is not None:
+                before_step(result)
         except Exception:
             _restore(module, buffers)
             optimizer.zero_grad(set_to_none=True)
             raise
         optimizer.step()
-        return StepResult(cut_gradient=cut_gradient, loss=float(loss.detach()), correct=correct)
+        return result
 
     def _checked_gradients(
         self, loss: torch.Tensor | None, module: nn.Module, leaf: torch.Tensor
@@ -255,10 +283,18 @@ class ServerHalfTrainer(ABC):
             self._let_go(node_id)
             raise
         with self._counts_lock:
-            self._pending[node_id] = _Pending(module, optimizer, leaf, outputs, buffers)
+            self._pending[node_id] = _Pending(
+                module, optimizer, leaf, outputs, buffers, time.monotonic()
+            )
         return outputs.detach().cpu()
 
-    def backward_server_half(self, node_id: int, output_gradient: torch.Tensor) -> StepResult:
+    def backward_server_half(
+        self,
+        node_id: int,
+        output_gradient: torch.Tensor,
+        *,
+        before_step: BeforeStep | None = None,
+    ) -> StepResult:
         """Backpropagate the client's gradient at the server half's output, step the optimizer,
         and return the gradient at the cut. ``loss`` is NaN: the loss stays on the client.
 
@@ -271,6 +307,9 @@ class ServerHalfTrainer(ABC):
             pending.optimizer.zero_grad(set_to_none=True)
             pending.outputs.backward(output_gradient.to(self.device, pending.outputs.dtype))
             cut_gradient = self._checked_gradients(None, pending.module, pending.leaf)
+            result = StepResult(cut_gradient=cut_gradient, loss=float("nan"), correct=0)
+            if before_step is not None:
+                before_step(result)
         except Exception:
             _restore(pending.module, pending.buffers)
             pending.optimizer.zero_grad(set_to_none=True)
@@ -281,7 +320,7 @@ class ServerHalfTrainer(ABC):
         finally:
             self._let_go(node_id)
         self._count(node_id, len(pending.leaf))
-        return StepResult(cut_gradient=cut_gradient, loss=float("nan"), correct=0)
+        return result
 
     def abandon_server_half(self, node_id: int) -> None:
         """Drop a batch of ``node_id`` that will get no output gradient (its stream ended or its
@@ -291,6 +330,16 @@ class ServerHalfTrainer(ABC):
         if pending is not None:
             _restore(pending.module, pending.buffers)
             self._let_go(node_id)
+
+    def abandon_stale(self, older_than: float) -> list[int]:
+        """Drop the waiting label-private batches whose forward pass is more than
+        ``older_than`` seconds old; return their nodes."""
+        now = time.monotonic()
+        with self._counts_lock:
+            stale = [n for n, p in self._pending.items() if now - p.started >= older_than]
+        for node_id in stale:
+            self.abandon_server_half(node_id)
+        return stale
 
     def _module_for(self, node_id: int) -> tuple[nn.Module, torch.optim.Optimizer]:
         raise NotImplementedError(f"{type(self).__name__} does not serve the label-private split")
@@ -339,9 +388,15 @@ class SFLV1Trainer(ServerHalfTrainer):
         self._spare.extend(module for module, _ in self._copies.values())
         self._copies = {}
 
-    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def _step(
+        self,
+        node_id: int,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+        before_step: BeforeStep | None,
+    ) -> StepResult:
         module, optimizer = self._module_for(node_id)
-        return self._train_on_batch(module, optimizer, activations, labels)
+        return self._train_on_batch(module, optimizer, activations, labels, before_step)
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
         return {n: self._copies[n][0] for n in node_ids if n in self._copies}
@@ -419,7 +474,13 @@ class SFLV2Trainer(ServerHalfTrainer):
         self.server_half.load_state_dict(state["server_half"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def _step(self, node_id: int, activations: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def _step(
+        self,
+        node_id: int,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+        before_step: BeforeStep | None,
+    ) -> StepResult:
         with self._worker_lock:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(
@@ -427,7 +488,12 @@ class SFLV2Trainer(ServerHalfTrainer):
                 )
             worker = self._worker
         return worker.submit(
-            self._train_on_batch, self.server_half, self.optimizer, activations, labels
+            self._train_on_batch,
+            self.server_half,
+            self.optimizer,
+            activations,
+            labels,
+            before_step,
         ).result()
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from splitfed.resources import peak_rss_mb
 from splitfed.server import RoundStats, SplitServer
 from splitfed.server_half import LossFn, make_trainer
 from splitfed.tls import TLSCredentials
-from splitfed.wire import COMPRESSIONS
+from splitfed.wire import COMPRESSIONS, TensorSpec
 
 from .failures import FailureLog
 
@@ -87,7 +87,15 @@ class SplitFed(Strategy):
     device : str (default: "cpu")
         Where the server half runs.
     max_streams : int (default: 64)
-        Most clients streaming at once.
+        Most clients streaming at once; more wait for a free stream (see
+        :class:`splitfed.SplitServer`).
+    max_batch_size : int (default: 4096)
+        Most examples in one batch; it bounds the largest frame the split server reads.
+    labels : TensorSpec | None (default: None)
+        What one example's labels are; ``None``: one int64 class index (cross-entropy).
+    idle_timeout, hold_timeout : float (default: 120.0, 60.0)
+        Seconds a client's stream may be silent before it is closed, and (label-private split)
+        a batch may wait for its output gradient before it is dropped.
     tls : TLSCredentials | None (default: None)
         The split server's TLS certificate and CA. Clients receive the CA inside their
         message and verify the split server with it. Required unless ``insecure=True``.
@@ -128,6 +136,10 @@ class SplitFed(Strategy):
         advertised_address: str | None = None,
         device: str = "cpu",
         max_streams: int = 64,
+        max_batch_size: int = 4096,
+        labels: TensorSpec | None = None,
+        idle_timeout: float = 120.0,
+        hold_timeout: float = 60.0,
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         min_completed_clients: int | None = None,
@@ -187,6 +199,11 @@ class SplitFed(Strategy):
             address=split_server_address,
             advertised_address=advertised_address,
             max_streams=max_streams,
+            max_batch_size=max_batch_size,
+            labels=labels,
+            output_shape=split.output_shape,
+            idle_timeout=idle_timeout,
+            hold_timeout=hold_timeout,
             tls=tls,
             insecure=insecure,
             label_private=self.label_private,
@@ -450,6 +467,7 @@ class SplitFed(Strategy):
                 label_private=self.label_private,
                 server_loss_reduction=self.server_loss_reduction,
                 compression=self.data_plane_compression,
+                max_batch_size=self.split_server.max_batch_size,
                 **ticket,
             ).to_record()
             # The aggregator may share one RecordDict among its messages: give each its own.
@@ -574,6 +592,9 @@ class SplitFed(Strategy):
                 "data-plane-batches": stats.batches,
                 "refused-batches": stats.refused_batches,
                 "refused-streams": stats.refused_streams,
+                "busy-refusals": stats.busy_refusals,
+                "idle-streams-closed": stats.idle_streams_closed,
+                "released-holds": stats.released_holds,
                 "model-sync-bytes": self._sync_bytes,
                 "clients": clients,
                 "failed-clients": failed,

@@ -47,6 +47,7 @@ def serve(split, *, variant: str) -> SplitServer:
         activation_dtype=split.activation_dtype,
         insecure=True,
         label_private=split.label_private,
+        output_shape=split.output_shape,
     )
     server.start()
     return server
@@ -186,7 +187,7 @@ def test_an_evaluation_stream_refuses_training_frames():
                 token=token,
                 mode=Mode.EVALUATE,
             ) as plane,
-            pytest.raises(SplitServerError, match="expected a 'evaluate' frame, got 'forward'"),
+            pytest.raises(SplitServerError, match="frame kind 'forward' is not accepted here"),
         ):
             plane.exchange(
                 1, torch.rand(4, *split.activation_shape), torch.zeros(4, dtype=torch.long)

@@ -22,6 +22,7 @@ from splitfed import (
     make_trainer,
     split_model,
 )
+from splitfed.wire import TensorSpec
 from tests.conftest import SGD_MOMENTUM
 
 NODE = 9
@@ -70,7 +71,7 @@ def label_private(variant):
     yield from serve(label_private=True, variant=variant)
 
 
-def serve(*, label_private: bool, variant: str):
+def serve(*, label_private: bool, variant: str, labels: TensorSpec | None = None):
     """A split server with round 1 open and one stream on which an honest batch trained."""
     split = the_split(label_private)
     trainer = make_trainer(
@@ -81,12 +82,14 @@ def serve(*, label_private: bool, variant: str):
         activation_shape=split.activation_shape,
         insecure=True,
         label_private=split.label_private,
+        output_shape=split.output_shape,
+        labels=labels,
     )
     server.start()
     tokens = server.open_round(1, [NODE])
     plane = connect(server, tokens)
     # One honest batch first, so that the optimizer has momentum to lose.
-    honest_step(plane, split, step=1)
+    honest_step(plane, split, step=1, soft=labels is not None)
     yield server, split, plane
     plane.close()
     server.stop(grace=None)
@@ -104,11 +107,12 @@ def labels(batch: int = 8) -> torch.Tensor:
     return torch.arange(batch) % 10
 
 
-def honest_step(plane: GrpcDataPlane, split, *, step: int) -> torch.Tensor:
+def honest_step(plane: GrpcDataPlane, split, *, step: int, soft: bool = False) -> torch.Tensor:
     if split.label_private:
         outputs = plane.forward_server_half(step, activations())
         return plane.backward_server_half(step, torch.ones_like(outputs) * 0.01)
-    return plane.exchange(step, activations(), labels()).cut_gradient
+    targets = torch.nn.functional.one_hot(labels(), 10).float() if soft else labels()
+    return plane.exchange(step, activations(), targets).cut_gradient
 
 
 def state(server: SplitServer) -> list[torch.Tensor]:
@@ -133,12 +137,17 @@ def assert_unchanged(before: list[torch.Tensor], server: SplitServer) -> None:
 
 
 PLAIN_CASES = {
-    # The reproducers: soft labels of NaN (the loss is NaN), labels of the wrong shape (the loss
-    # fails after the forward pass updated BatchNorm), finite but extreme activations.
-    "NaN soft labels": (lambda: (activations(), torch.full((8, 10), float("nan"))), "loss"),
+    # The reproducers: labels of NaN or of the wrong shape (refused from the frame's header, as
+    # the server half takes one class index per example), finite but extreme activations (their
+    # BatchNorm statistics, loss or gradients would overflow), labels the loss fails on after
+    # the forward pass updated BatchNorm.
+    "NaN soft labels": (
+        lambda: (activations(), torch.full((8, 10), float("nan"))),
+        "'labels'.*must be int64",
+    ),
     "labels of shape (B, 10)": (
         lambda: (activations(), torch.zeros(8, 10, dtype=torch.long)),
-        "server half failed",
+        r"'labels'.*has shape \[8, 10\]; it must be \(batch\)",
     ),
     "activations of 3e38": (
         lambda: (torch.full((8, 4, 4, 4), 3e38), labels()),
@@ -194,7 +203,11 @@ def test_extreme_activations_in_the_label_private_split_are_refused_at_the_forwa
         variant, server_half=copy.deepcopy(split.server_half), optimizer=SGD_MOMENTUM
     )
     server = SplitServer(
-        trainer=trainer, activation_shape=split.activation_shape, insecure=True, label_private=True
+        trainer=trainer,
+        activation_shape=split.activation_shape,
+        output_shape=split.output_shape,
+        insecure=True,
+        label_private=True,
     )
     with server:
         tokens = server.open_round(1, [NODE])
@@ -210,7 +223,22 @@ def test_extreme_activations_in_the_label_private_split_are_refused_at_the_forwa
 def test_a_refused_batch_tells_the_client_why_without_internals(plain):
     server, split, plane = plain
     with pytest.raises(SplitServerError) as refused:
-        plane.exchange(2, activations(), torch.zeros(8, 10, dtype=torch.long))
+        plane.exchange(2, activations(), labels() + 100)  # torch's loss fails on them
     message = str(refused.value)
-    assert "the server half failed on this batch" in message
+    assert "the server half failed on this batch: IndexError" in message
     assert "0x" not in message and "frame #" not in message and len(message) < 500
+
+
+def test_nan_soft_labels_reach_a_server_that_takes_soft_labels_and_change_nothing(variant):
+    # Soft labels (one probability per class) pass the header of a server that takes them; the
+    # loss is NaN, and the batch is refused before the optimizer steps.
+    soft = TensorSpec(frozenset({torch.float32}), (10,))
+    serving = serve(label_private=False, variant=variant, labels=soft)
+    server, split, plane = next(serving)
+    try:
+        before = state(server)
+        with pytest.raises(SplitServerError, match="the loss of this batch is nan"):
+            plane.exchange(2, activations(), torch.full((8, 10), float("nan")))
+        assert_unchanged(before, server)
+    finally:
+        serving.close()

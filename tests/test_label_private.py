@@ -50,6 +50,7 @@ def u_server_factory():
             activation_dtype=split.activation_dtype,
             insecure=True,
             label_private=True,
+            output_shape=split.output_shape,
         )
         server.start()
         servers.append(server)

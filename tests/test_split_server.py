@@ -57,14 +57,17 @@ def plane(server, tokens, node_id: int = NODE, **overrides) -> GrpcDataPlane:
 
 
 BAD_BATCHES = {
-    "wrong shape": (lambda a, y: (a[:, :2], y), "activations have shape (8, 2, 4, 4)"),
-    "wrong dtype": (lambda a, y: (a.double(), y), "activations are torch.float64"),
+    "wrong shape": (
+        lambda a, y: (a[:, :2], y),
+        "has shape [8, 2, 4, 4]; it must be (batch, 4, 4, 4)",
+    ),
+    "wrong dtype": (lambda a, y: (a.double(), y), "is float64; it must be float32"),
     "NaN activations": (
         lambda a, y: (a.index_fill(0, torch.tensor([3]), float("nan")), y),
         "activations contain NaN",
     ),
     "infinite activations": (lambda a, y: (a * float("inf"), y), "NaN or infinity"),
-    "too few labels": (lambda a, y: (a, y[:5]), "send one label per example"),
+    "too few labels": (lambda a, y: (a, y[:5]), "'labels' holds a batch of 5 examples"),
     "label out of range": (lambda a, y: (a, y + 100), "the server half failed on this batch"),
     "empty batch": (lambda a, y: (a[:0], y[:0]), "the batch is empty"),
 }
@@ -216,7 +219,7 @@ def test_a_second_stream_of_the_same_node_in_a_round_is_refused(served, caplog):
         first.exchange(1, *good_batch(split))
         with (
             plane(server, tokens) as second,
-            pytest.raises(SplitServerError, match="already has a stream open"),
+            pytest.raises(SplitServerError, match="already opened its stream of this round"),
         ):
             second.exchange(1, *good_batch(split))
         first.exchange(2, *good_batch(split))  # the first stream is unaffected

@@ -268,6 +268,7 @@ def _train(split, defense: Defense, images, labels, *, epochs: int, seed: int):
         activation_dtype=split.activation_dtype,
         insecure=True,  # loopback, in this process
         label_private=label_private,
+        output_shape=split.output_shape,
     )
     loader = _LabelLog(
         DataLoader(
