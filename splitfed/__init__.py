@@ -11,9 +11,24 @@ server-half update rules) lives in this package's modules; the Flower strategy i
 
 from .checkpoint import CheckpointConfig, CheckpointError
 from .client import evaluate_client_half, train_client_half
-from .config import OptimizerConfig, Variant
-from .cut import CutError, CutPoint, SplitModel, cut_points, join_halves, split_model
-from .dataplane import DataPlane, Exchange, GrpcDataPlane, SplitServerError
+from .config import OptimizerConfig, ServerCopies, Variant
+from .cut import (
+    CutError,
+    CutPoint,
+    SplitModel,
+    cut_points,
+    default_aux_head,
+    join_halves,
+    split_model,
+)
+from .dataplane import (
+    Acknowledgement,
+    DataPlane,
+    Exchange,
+    GrpcDataPlane,
+    LocalLossDataPlane,
+    SplitServerError,
+)
 from .privacy import PrivacyConfig, PrivacyConfigError
 from .protocol import DataPlaneTicket, Mode
 from .server import BatchError, RoundStats, SplitServer
@@ -23,14 +38,17 @@ from .tls import TLSCredentials, TLSError
 from .training import (
     BatchSpec,
     EvaluateStats,
+    LocalLossStats,
     TrainStats,
     evaluate_locally,
     run_local_epochs,
+    run_local_loss_epochs,
 )
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "Acknowledgement",
     "BatchError",
     "BatchSpec",
     "CheckpointConfig",
@@ -42,6 +60,8 @@ __all__ = [
     "EvaluateStats",
     "Exchange",
     "GrpcDataPlane",
+    "LocalLossDataPlane",
+    "LocalLossStats",
     "Mode",
     "OptimizerConfig",
     "PrivacyConfig",
@@ -49,6 +69,7 @@ __all__ = [
     "RoundStats",
     "SFLV1Trainer",
     "SFLV2Trainer",
+    "ServerCopies",
     "ServerHalfTrainer",
     "SplitFed",
     "SplitFedResult",
@@ -62,11 +83,13 @@ __all__ = [
     "TrainStats",
     "Variant",
     "cut_points",
+    "default_aux_head",
     "evaluate_client_half",
     "evaluate_locally",
     "join_halves",
     "make_trainer",
     "run_local_epochs",
+    "run_local_loss_epochs",
     "split_model",
     "train_client_half",
 ]

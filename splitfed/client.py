@@ -16,13 +16,20 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
-from .config import OptimizerConfig, load_optimizer_state, save_optimizer_state
+from .config import OptimizerConfig, Variant, load_optimizer_state, save_optimizer_state
 from .cut import SplitModel
 from .dataplane import GrpcDataPlane
 from .privacy import PrivacyConfig
 from .protocol import DataPlaneTicket, Mode
 from .resources import peak_rss_mb
-from .training import LossFn, Unpack, evaluate_locally, run_local_epochs
+from .training import (
+    LossFn,
+    TrainStats,
+    Unpack,
+    evaluate_locally,
+    run_local_epochs,
+    run_local_loss_epochs,
+)
 
 __all__ = ["evaluate_client_half", "train_client_half"]
 
@@ -61,10 +68,15 @@ def train_client_half(
     its reason, which the strategy logs and counts; its traceback is logged here once per reason,
     so that a failure that repeats every round does not flood the log. The reply holds the client's
     updated parts (one ``ArrayRecord``: the client half, and the client head in the
-    label-private split) and a ``MetricRecord`` with ``num-examples``, so any Flower strategy
-    aggregates it. Add records of your own to the returned message's content (a ``ConfigRecord``
-    ...); metrics go into its one ``MetricRecord`` (``metrics=``), which FedAvg requires to be
-    the only one.
+    label-private split or the auxiliary head in local-loss training) and a ``MetricRecord``
+    with ``num-examples``, so any Flower strategy aggregates it. Add records of your own to the
+    returned message's content (a ``ConfigRecord`` ...); metrics go into its one
+    ``MetricRecord`` (``metrics=``), which FedAvg requires to be the only one.
+
+    The ticket says the variant. In local-loss training (``"local-loss"``) the client trains its
+    half on the loss of ``split.aux_head`` and streams every ``send_every``-th batch to the split
+    server without waiting (:func:`splitfed.run_local_loss_epochs`); ``split`` must then carry
+    the auxiliary head the ServerApp's split carries, and must not carry one otherwise.
 
     Parameters
     ----------
@@ -84,8 +96,9 @@ def train_client_half(
     reset_optimizer : bool (default: False)
         Start each round with a fresh optimizer instead of the state kept from the last round.
     loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
-        The label-private split: the client head's loss, averaged over the batch; ``None`` means
-        cross-entropy. (In the plain split the loss is the split server's.)
+        The label-private split: the client head's loss, averaged over the batch; local-loss
+        training: the auxiliary head's. ``None`` means cross-entropy. (In the plain split the
+        loss is the split server's.)
     privacy : PrivacyConfig | None (default: None)
         Client-side defenses, validated here; their epsilons, accumulated over this node's
         rounds, are added to the reply's metrics.
@@ -128,11 +141,13 @@ def _train(
     metrics: Mapping[str, MetricValue] | None,
 ) -> Message:
     ticket = _ticket(msg, split, expected_mode=Mode.TRAIN)
+    local_loss = ticket.variant == Variant.LOCAL_LOSS
     if privacy is not None:
         privacy.validate(
             label_private=split.label_private,
             client_half=split.client_half,
             server_loss_reduction=ticket.server_loss_reduction,
+            local_loss=local_loss,
         )
     batch_size = getattr(train_loader, "batch_size", None)
     if ticket.max_batch_size and batch_size and batch_size > ticket.max_batch_size:
@@ -155,17 +170,32 @@ def _train(
             split, torch_optimizer, batch_size=getattr(train_loader, "batch_size", None)
         ) as (trained, step_optimizer),
     ):
-        stats = run_local_epochs(
-            split=trained,
-            data_plane=data_plane,
-            train_loader=train_loader,
-            optimizer=step_optimizer,
-            local_epochs=local_epochs,
-            proximal_mu=ticket.proximal_mu,
-            loss_fn=loss_fn,
-            privacy=privacy,
-            batch=batch,
-        )
+        stats: TrainStats
+        if local_loss:
+            stats = run_local_loss_epochs(
+                split=trained,
+                data_plane=data_plane,
+                train_loader=train_loader,
+                optimizer=step_optimizer,
+                local_epochs=local_epochs,
+                send_every=ticket.send_every,
+                proximal_mu=ticket.proximal_mu,
+                loss_fn=loss_fn,
+                privacy=privacy,
+                batch=batch,
+            )
+        else:
+            stats = run_local_epochs(
+                split=trained,
+                data_plane=data_plane,
+                train_loader=train_loader,
+                optimizer=step_optimizer,
+                local_epochs=local_epochs,
+                proximal_mu=ticket.proximal_mu,
+                loss_fn=loss_fn,
+                privacy=privacy,
+                batch=batch,
+            )
 
     reply_metrics = MetricRecord(
         {
@@ -286,6 +316,21 @@ def _ticket(msg: Message, split: SplitModel, *, expected_mode: str) -> DataPlane
             f"the {kinds[split.label_private]} one: cut the model the same way on both sides "
             "(a server_cut, and so a client head, on both or on neither)"
         )
+    variant = Variant.validate(ticket.variant)
+    if variant == Variant.LOCAL_LOSS and split.aux_head is None:
+        raise ValueError(
+            "the split server runs local-loss training and this client's split has no "
+            "auxiliary head: give the client split.with_aux_head(...) built as the ServerApp "
+            "builds its split"
+        )
+    if variant != Variant.LOCAL_LOSS and split.aux_head is not None:
+        raise ValueError(
+            f"the split server runs {Variant.describe(variant)} and this client's split has an "
+            "auxiliary head, which only local-loss training uses: give the client the split "
+            "without with_aux_head(...), or run the strategy with variant='local-loss'"
+        )
+    if ticket.send_every < 1:
+        raise ValueError(f"the ticket's send-every must be at least 1; got {ticket.send_every}")
     return ticket
 
 

@@ -8,20 +8,31 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["OptimizerConfig", "Variant", "load_optimizer_state", "save_optimizer_state"]
+__all__ = [
+    "OptimizerConfig",
+    "ServerCopies",
+    "Variant",
+    "load_optimizer_state",
+    "save_optimizer_state",
+]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 """A torch optimizer class, or any callable ``(params, **kwargs) -> Optimizer``."""
 
 
 class Variant:
-    """The SplitFed variants, named as in Thapa et al. (arXiv 2004.12088)."""
+    """The variants: SFLV1 and SFLV2 as named in Thapa et al. (arXiv 2004.12088), and split
+    learning on local losses (Han et al. 2021; CSE-FSL, arXiv 2302.05599)."""
 
     V1 = "v1"
     """One server-half copy per client; copies are averaged (FedAvg) with the client halves."""
     V2 = "v2"
     """One server half, updated by every client's batches one at a time, in arrival order."""
-    ALL: ClassVar[tuple[str, ...]] = (V1, V2)
+    LOCAL_LOSS = "local-loss"
+    """Each client trains its half on the loss of a small auxiliary head of its own and streams
+    activations and labels to the split server without waiting; no gradient comes back. The
+    server half is one shared half or one copy per client (:class:`ServerCopies`)."""
+    ALL: ClassVar[tuple[str, ...]] = (V1, V2, LOCAL_LOSS)
 
     @classmethod
     def validate(cls, variant: str) -> str:
@@ -30,6 +41,38 @@ class Variant:
         if normalised not in cls.ALL:
             raise ValueError(f"variant must be one of {', '.join(cls.ALL)}; got {variant!r}")
         return normalised
+
+    @classmethod
+    def describe(cls, variant: str, server_copies: str | None = None) -> str:
+        """A short name for logs and titles: ``"SFLV1"``, ``"SFLV2"``, ``"local-loss (shared
+        server half)"``."""
+        if variant == cls.LOCAL_LOSS:
+            per_client = server_copies == ServerCopies.PER_CLIENT
+            copies = "a server half per client" if per_client else "shared server half"
+            return f"local-loss ({copies})"
+        return f"SFL{variant.upper()}"
+
+
+class ServerCopies:
+    """How the split server keeps the server half in the local-loss variant."""
+
+    SHARED = "shared"
+    """One server half and optimizer, trained on every client's batches in arrival order (as
+    SFLV2). The server holds one half whatever the number of clients."""
+    PER_CLIENT = "per-client"
+    """One copy and optimizer per client, averaged with FedAvg when the round merges (as
+    SFLV1): clients train in parallel, and the server holds one copy per client of a round."""
+    ALL: ClassVar[tuple[str, ...]] = (SHARED, PER_CLIENT)
+
+    @classmethod
+    def validate(cls, server_copies: str) -> str:
+        """Return ``server_copies`` if it is one of :attr:`ALL`; raise with them otherwise."""
+        if server_copies not in cls.ALL:
+            raise ValueError(
+                f"server_copies must be one of {', '.join(map(repr, cls.ALL))}; got "
+                f"{server_copies!r}"
+            )
+        return server_copies
 
 
 class OptimizerConfig:

@@ -1,12 +1,13 @@
 """Cutting a model into the parts SplitFed trains, checked on a sample batch.
 
-A :class:`SplitModel` is one abstraction for both kinds of split: the plain split (a client half
-and a server half) and the label-private, U-shaped split (a client half, a server half and a
-client head that keeps the labels and the loss on the client). Whatever the kind, it answers the
-same questions: what the client trains (:meth:`SplitModel.client_parameters`), its state
-(:meth:`SplitModel.client_state_dict`, :meth:`SplitModel.load_client_state_dict`), what travels on
-the data plane (:attr:`SplitModel.activation_shape`, :attr:`SplitModel.output_shape`) and the
-unsplit model (:meth:`SplitModel.full_model`).
+A :class:`SplitModel` is one abstraction for every kind of split: the plain split (a client half
+and a server half), the label-private, U-shaped split (a client half, a server half and a
+client head that keeps the labels and the loss on the client), and either of them with an
+auxiliary head for local-loss training (:meth:`SplitModel.with_aux_head`). Whatever the kind, it
+answers the same questions: what the client trains (:meth:`SplitModel.client_parameters`), its
+state (:meth:`SplitModel.client_state_dict`, :meth:`SplitModel.load_client_state_dict`), what
+travels on the data plane (:attr:`SplitModel.activation_shape`, :attr:`SplitModel.output_shape`)
+and the unsplit model (:meth:`SplitModel.full_model`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +27,13 @@ from .graph import CutError, CutPoint, cut_graph, cut_points, materialize
 from .wire import WireFormatError, wire_dtype_name
 
 __all__ = [
+    "AUX_HEAD_PREFIX",
     "CutError",
     "CutPoint",
     "ModelInput",
     "SplitModel",
     "cut_points",
+    "default_aux_head",
     "join_halves",
     "materialize",
     "split_model",
@@ -38,6 +42,10 @@ __all__ = [
 ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 """What a model's ``forward`` takes: one tensor, a tuple of positional arguments, or a dict of
 keyword arguments."""
+
+AUX_HEAD_PREFIX = "aux_head."
+"""How the auxiliary head's state keys begin in :meth:`SplitModel.client_state_dict`, so that
+they never collide with the model's own."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,11 @@ class SplitModel:
     model : nn.Module | None (default: None)
         The whole model the parts were cut from, sharing their parameters (:func:`split_model`);
         ``None`` for parts joined by hand.
+    aux_head : nn.Module | None (default: None)
+        Local-loss training: a small head, run on the client on the cut-layer activations, whose
+        loss trains the client half (see :meth:`with_aux_head`). It trains and travels with the
+        client half under keys prefixed :data:`AUX_HEAD_PREFIX`, and is no part of the model:
+        :meth:`full_model` and evaluation leave it out.
     """
 
     client_half: nn.Module
@@ -77,6 +90,7 @@ class SplitModel:
     output_shape: tuple[int, ...] | None = None
     output_dtype: torch.dtype | None = None
     model: nn.Module | None = None
+    aux_head: nn.Module | None = None
 
     @property
     def label_private(self) -> bool:
@@ -84,22 +98,34 @@ class SplitModel:
         return self.client_head is not None
 
     def client_modules(self) -> list[nn.Module]:
-        """What each client trains: the client half, then the client head if there is one."""
-        return [self.client_half] + ([self.client_head] if self.client_head is not None else [])
+        """What each client trains: the client half, then the client head and the auxiliary
+        head where there are."""
+        return [module for _, module in self._client_parts()]
+
+    def _client_parts(self) -> list[tuple[str, nn.Module]]:
+        """The client's modules, each with the prefix of its keys in the client state."""
+        parts = [("", self.client_half)]
+        if self.client_head is not None:
+            parts.append(("", self.client_head))
+        if self.aux_head is not None:
+            parts.append((AUX_HEAD_PREFIX, self.aux_head))
+        return parts
 
     def client_parameters(self) -> list[nn.Parameter]:
         """The parameters a client's optimizer updates."""
         return [p for module in self.client_modules() for p in module.parameters()]
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a client sends to be merged: the client half's state and the client head's.
+        """What a client sends to be merged: the state of the client half, the client head and
+        the auxiliary head.
 
         The keys are the modules' own (for a model cut by :func:`split_model`, the original
-        model's), so FedAvg merges every part like any other arrays.
+        model's), the auxiliary head's prefixed :data:`AUX_HEAD_PREFIX`, so FedAvg merges every
+        part like any other arrays.
         """
         state: dict[str, torch.Tensor] = {}
-        for module in self.client_modules():
-            state.update(module.state_dict())
+        for prefix, module in self._client_parts():
+            state.update({prefix + key: value for key, value in module.state_dict().items()})
         return state
 
     def load_client_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -112,19 +138,19 @@ class SplitModel:
                 f"unexpected keys {unexpected}. Clients and the server must cut the same model "
                 "at the same place"
             )
-        for module in self.client_modules():
+        for prefix, module in self._client_parts():
             own = module.state_dict()
             mismatched = [
-                f"{key} {tuple(state[key].shape)} into {tuple(value.shape)}"
+                f"{prefix + key} {tuple(state[prefix + key].shape)} into {tuple(value.shape)}"
                 for key, value in own.items()
-                if tuple(state[key].shape) != tuple(value.shape)
+                if tuple(state[prefix + key].shape) != tuple(value.shape)
             ]
             if mismatched:
                 raise CutError(
                     f"the state does not fit this split's client side: {', '.join(mismatched)}. "
                     "Clients and the server must build the same model and cut it at the same place"
                 )
-            module.load_state_dict({key: state[key] for key in own})
+            module.load_state_dict({key: state[prefix + key] for key in own})
 
     def materialize_client(self, *, device: str | torch.device = "cpu") -> SplitModel:
         """The client's side of a model built on the ``meta`` device: its parts get real storage
@@ -137,23 +163,124 @@ class SplitModel:
         """
         half = materialize(self.client_half, device=device)
         head = materialize(self.client_head, device=device) if self.client_head else None
-        return dataclasses.replace(self, client_half=half, client_head=head, model=None)
+        aux = materialize(self.aux_head, device=device) if self.aux_head else None
+        return dataclasses.replace(
+            self, client_half=half, client_head=head, aux_head=aux, model=None
+        )
 
     def client_copy(self) -> SplitModel:
         """A copy with its own client parts (the server half is shared, not copied): one per
         client when several clients are simulated in one process."""
-        half, head = copy.deepcopy((self.client_half, self.client_head))
-        return dataclasses.replace(self, client_half=half, client_head=head, model=None)
+        half, head, aux = copy.deepcopy((self.client_half, self.client_head, self.aux_head))
+        return dataclasses.replace(
+            self, client_half=half, client_head=head, aux_head=aux, model=None
+        )
 
     def full_model(self) -> nn.Module:
-        """The unsplit model, sharing the parts' parameters.
+        """The unsplit model, sharing the parts' parameters (never the auxiliary head).
 
         For a model cut by :func:`split_model`, the model itself (its own ``state_dict()``
         keys); for parts joined by hand, the parts run one after another.
         """
         if self.model is not None:
             return self.model
-        return JoinedModel([self.client_half, self.server_half, *self.client_modules()[1:]])
+        head = [self.client_head] if self.client_head is not None else []
+        return JoinedModel([self.client_half, self.server_half, *head])
+
+    def with_aux_head(
+        self,
+        aux_head: nn.Module | None = None,
+        *,
+        num_classes: int | None = None,
+        hidden_features: int = 0,
+    ) -> SplitModel:
+        """This split with an auxiliary head, for the local-loss variant.
+
+        In local-loss training each client trains its half on the loss of ``aux_head`` on the
+        cut-layer activations, and the split server trains its half on the activations and
+        labels it receives; no gradient crosses the cut. The head trains with the client half,
+        travels with it (keys prefixed :data:`AUX_HEAD_PREFIX`) and is merged like it; it is
+        not part of :meth:`full_model`. The server and every client must build the same head:
+        its weights come from the strategy's message, like the client half's.
+
+        Parameters
+        ----------
+        aux_head : nn.Module | None (default: None)
+            Maps a batch of activations (``(batch, *activation_shape)``) to what the client's
+            loss takes (class scores for cross-entropy). ``None`` builds
+            :func:`default_aux_head` from the activation shape and ``num_classes``.
+        num_classes : int | None (default: None)
+            Outputs of the default head; required when ``aux_head`` is ``None``.
+        hidden_features : int (default: 0)
+            The default head's hidden layer: 0 is a single linear layer, more a two-layer MLP.
+
+        Raises
+        ------
+        CutError
+            For the label-private split (its labels stay on the client, while local-loss sends
+            them to the split server), a split that already has an auxiliary head, a head that
+            fails on the activations, or a default head without ``num_classes``.
+        """
+        if self.label_private:
+            raise CutError(
+                "local-loss training sends the labels to the split server with the activations, "
+                "so it cannot keep them on the client as the label-private split does: cut the "
+                "model without server_cut for local-loss, or train the label-private split with "
+                "variant 'v1' or 'v2'"
+            )
+        if self.aux_head is not None:
+            raise CutError(
+                "this split has an auxiliary head already; call with_aux_head on the split "
+                "without one"
+            )
+        if aux_head is None:
+            if num_classes is None:
+                raise CutError(
+                    "the default auxiliary head needs num_classes (the size of the loss's "
+                    "input); pass with_aux_head(num_classes=...) or a module of your own, "
+                    "with_aux_head(my_head)"
+                )
+            aux_head = default_aux_head(
+                self.activation_shape, num_classes=num_classes, hidden_features=hidden_features
+            )
+        split = dataclasses.replace(self, aux_head=aux_head)
+        _check_aux_head(split, aux_head)
+        _check_disjoint_client_keys(split)
+        return split
+
+
+def default_aux_head(
+    activation_shape: Sequence[int], *, num_classes: int, hidden_features: int = 0
+) -> nn.Sequential:
+    """A small auxiliary head for local-loss training: flatten, then one linear layer, or two
+    with a ReLU between them when ``hidden_features > 0``.
+
+    It has ``prod(activation_shape) * num_classes`` weights (plus the hidden layer's), built on
+    the default device: under ``torch.device("meta")`` it costs no memory until materialised.
+
+    Parameters
+    ----------
+    activation_shape : Sequence[int]
+        One example's cut-layer activations, without the batch dimension.
+    num_classes : int
+        Its outputs.
+    hidden_features : int (default: 0)
+        Width of the hidden layer; 0 means none.
+    """
+    if num_classes < 1 or hidden_features < 0:
+        raise CutError(
+            f"an auxiliary head needs num_classes >= 1 and hidden_features >= 0; got "
+            f"{num_classes} and {hidden_features}"
+        )
+    features = math.prod(activation_shape)
+    if not hidden_features:
+        return nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(features, hidden_features),
+        nn.ReLU(),
+        nn.Linear(hidden_features, num_classes),
+    )
 
 
 class JoinedModel(nn.Module):
@@ -344,13 +471,41 @@ def _check_crossing(tensor: object, batch: int, producer: str) -> None:
 
 
 def _check_disjoint_client_keys(split: SplitModel) -> None:
-    if split.client_head is None:
-        return
-    shared = set(split.client_half.state_dict()) & set(split.client_head.state_dict())
-    if shared:
+    parts = [("the client half", "", split.client_half)]
+    if split.client_head is not None:
+        parts.append(("the client head", "", split.client_head))
+    if split.aux_head is not None:
+        parts.append(("the auxiliary head", AUX_HEAD_PREFIX, split.aux_head))
+    owners: dict[str, str] = {}
+    for name, prefix, module in parts:
+        keys = [prefix + key for key in module.state_dict()]
+        shared = sorted(key for key in keys if key in owners)
+        if shared:
+            raise CutError(
+                f"{owners[shared[0]]} and {name} both have the state keys {shared}; a client "
+                "sends its parts in one ArrayRecord, so give their modules different names"
+            )
+        owners.update(dict.fromkeys(keys, name))
+
+
+def _check_aux_head(split: SplitModel, aux_head: nn.Module) -> None:
+    """Run ``aux_head`` on a sample of activations (eval mode, no gradients)."""
+    parameter = next(aux_head.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    sample = torch.zeros((2, *split.activation_shape), dtype=split.activation_dtype, device=device)
+    with _eval_mode([aux_head]), torch.no_grad():
+        try:
+            outputs = aux_head(sample)
+        except Exception as err:
+            raise CutError(
+                f"the auxiliary head fails on activations of shape "
+                f"{(2, *split.activation_shape)}: {err}. Its first layer must take what the "
+                "client half outputs"
+            ) from err
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() < 1 or outputs.shape[0] != 2:
         raise CutError(
-            f"the client half and the client head both have the state keys {sorted(shared)}; "
-            "a client sends both in one ArrayRecord, so give their modules different names"
+            "the auxiliary head must map a batch of activations to one tensor with the batch "
+            f"dimension first (what the client's loss takes); it returns {_describe(outputs)}"
         )
 
 

@@ -2,12 +2,15 @@
 
 The training loop talks to the split server through :class:`DataPlane`: send one batch's
 activations and labels, get the gradient at the cut back (and, in the label-private split, the
-two exchanges of a batch; in evaluation, the loss of a batch). :class:`GrpcDataPlane` is the gRPC
-transport; another transport implements the same methods.
+two exchanges of a batch; in evaluation, the loss of a batch). Local-loss training talks through
+:class:`LocalLossDataPlane`: send a batch and go on, and collect the acknowledgements at the end.
+:class:`GrpcDataPlane` is the gRPC transport of both; another transport implements the same
+methods.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import random
 import time
@@ -31,6 +34,7 @@ from .protocol import (
 from .wire import (
     Frame,
     FrameKind,
+    FrameLimits,
     WireFormatError,
     decode_frame,
     encode_frame,
@@ -38,11 +42,16 @@ from .wire import (
 )
 
 __all__ = [
+    "Acknowledgement",
     "DataPlane",
     "Exchange",
     "GrpcDataPlane",
+    "LocalLossDataPlane",
     "SplitServerError",
 ]
+
+_ACKNOWLEDGEMENT_LIMITS = FrameLimits(kinds={FrameKind.ACK: {}, FrameKind.ERROR: {}}, max_batch=0)
+"""What a local-loss client accepts back: an acknowledgement or an error, never a tensor."""
 
 
 class SplitServerError(RuntimeError):
@@ -55,6 +64,16 @@ class Exchange:
 
     cut_gradient: torch.Tensor
     loss: float
+    correct: int
+
+
+@dataclass
+class Acknowledgement:
+    """The split server's answer to one batch of local-loss training: it trained on it."""
+
+    step: int
+    loss: float
+    """The server half's loss on the batch, before its update."""
     correct: int
 
 
@@ -77,6 +96,24 @@ class DataPlane(Protocol):
 
     def evaluate(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
         """Evaluation: send one batch; return its loss and correct count (no gradient)."""
+        ...
+
+    def close(self) -> None:
+        """End the stream."""
+        ...
+
+
+class LocalLossDataPlane(Protocol):
+    """What the local-loss training loop needs from a transport: send a batch and go on."""
+
+    def send(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
+        """Send one batch for the server half to train on, without waiting for the answer
+        (blocking only while the transport's bound of unacknowledged batches is reached)."""
+        ...
+
+    def flush(self) -> list[Acknowledgement]:
+        """Wait until every batch sent is acknowledged; return the acknowledgements not
+        returned before, in the order the batches were sent."""
         ...
 
     def close(self) -> None:
@@ -112,6 +149,10 @@ class GrpcDataPlane:
         Seconds to keep asking for a stream while the split server serves as many clients at
         once as it allows (it answers ``RESOURCE_EXHAUSTED``); the stream is asked for again
         after a pause that doubles from 0.05 s to 2 s, with jitter.
+    max_in_flight : int (default: 8)
+        Local-loss training: the most batches sent and not yet acknowledged. :meth:`send`
+        blocks, reading acknowledgements, while this many are out, so a client never runs more
+        than this many batches ahead of the split server.
     """
 
     def __init__(
@@ -126,16 +167,22 @@ class GrpcDataPlane:
         connect_timeout: float = 30.0,
         compression: str = "none",
         admission_timeout: float = 600.0,
+        max_in_flight: int = 8,
     ) -> None:
         if mode not in Mode.ALL:
             raise ValueError(f"mode must be one of {', '.join(Mode.ALL)}; got {mode!r}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")
         try:
             self.compression = validate_compression(compression)
         except WireFormatError as err:
             raise ValueError(str(err)) from None
         self.address = address
+        self.max_in_flight = max_in_flight
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._unacknowledged: collections.deque[int] = collections.deque()
+        self._acknowledgements: list[Acknowledgement] = []
         if root_certificates is None:
             self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         else:
@@ -168,7 +215,9 @@ class GrpcDataPlane:
         self._replies = call(iter(self._outbox.get, None), metadata=self._metadata)
 
     @classmethod
-    def from_ticket(cls, ticket: DataPlaneTicket, *, node_id: int) -> GrpcDataPlane:
+    def from_ticket(
+        cls, ticket: DataPlaneTicket, *, node_id: int, max_in_flight: int = 8
+    ) -> GrpcDataPlane:
         """Dial the split server a SplitFed message's ticket names."""
         return cls(
             address=ticket.address,
@@ -178,6 +227,7 @@ class GrpcDataPlane:
             mode=ticket.mode,
             root_certificates=ticket.root_certificates.encode() or None,
             compression=ticket.compression,
+            max_in_flight=max_in_flight,
         )
 
     def exchange(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> Exchange:
@@ -234,6 +284,89 @@ class GrpcDataPlane:
             cut_gradient=torch.empty(0),
             loss=float(reply.scalars.get("loss", float("nan"))),
             correct=int(reply.scalars.get("correct", 0)),
+        )
+
+    # -- local-loss training: send and go on -------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Local-loss batches sent and not yet acknowledged."""
+        return len(self._unacknowledged)
+
+    def send(self, step: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
+        """Local-loss training: send one batch for the server half to train on, and return
+        without waiting for the answer.
+
+        While :attr:`max_in_flight` batches are unacknowledged it reads acknowledgements first
+        (back-pressure). A refusal of an earlier batch is raised here or by :meth:`flush`, as a
+        :class:`SplitServerError`.
+        """
+        frame = Frame(
+            FrameKind.ACTIVATIONS, step, tensors={"activations": activations, "labels": labels}
+        )
+        data = encode_frame(frame, compression=self.compression)
+        if not self._admitted:
+            # The first batch waits for its answer: a stream the split server is too busy to
+            # admit is asked for again, and batches sent on it meanwhile would be lost.
+            self._unacknowledged.append(step)
+            self._acknowledge(self._send(data, step))
+            return
+        while len(self._unacknowledged) >= self.max_in_flight:
+            self._acknowledge(self._receive())
+        self._outbox.put(data)
+        self.bytes_sent += len(data)
+        self._unacknowledged.append(step)
+
+    def flush(self) -> list[Acknowledgement]:
+        """Local-loss training: wait until every batch sent is acknowledged; return the
+        acknowledgements not returned before, in the order the batches were sent."""
+        while self._unacknowledged:
+            self._acknowledge(self._receive())
+        acknowledged, self._acknowledgements = self._acknowledgements, []
+        return acknowledged
+
+    def _receive(self) -> bytes:
+        """The next reply on an admitted stream."""
+        step = self._unacknowledged[0]
+        try:
+            reply: bytes = next(self._replies)
+            return reply
+        except grpc.RpcError as err:
+            raise SplitServerError(
+                f"the split server at {self.address} ended the stream at step {step}: "
+                f"{err.code().name}: {err.details()}"
+            ) from None
+        except StopIteration:
+            raise SplitServerError(
+                f"the split server at {self.address} closed the stream at step {step}"
+            ) from None
+
+    def _acknowledge(self, data: bytes) -> None:
+        """Take a reply to the oldest batch in flight, which must acknowledge it."""
+        self.bytes_received += len(data)
+        step = self._unacknowledged[0]
+        try:
+            reply = decode_frame(data, limits=_ACKNOWLEDGEMENT_LIMITS)
+        except WireFormatError as err:
+            raise SplitServerError(
+                f"unreadable reply from the split server to step {step}: {err}"
+            ) from err
+        if reply.kind == FrameKind.ERROR:
+            raise SplitServerError(
+                f"the split server refused step {reply.step}: {reply.scalars.get('error', '?')}"
+            )
+        if reply.kind != FrameKind.ACK or reply.step != step:
+            raise SplitServerError(
+                f"expected an {FrameKind.ACK!r} frame for step {step}, got a {reply.kind!r} "
+                f"frame for step {reply.step}"
+            )
+        self._unacknowledged.popleft()
+        self._acknowledgements.append(
+            Acknowledgement(
+                step=step,
+                loss=float(reply.scalars.get("loss", float("nan"))),
+                correct=int(reply.scalars.get("correct", 0)),
+            )
         )
 
     def _round_trip(self, request: Frame, *, expect: str, tensor: str | None) -> Frame:

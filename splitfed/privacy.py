@@ -114,6 +114,7 @@ class PrivacyConfig:
         label_private: bool = False,
         client_half: nn.Module | None = None,
         server_loss_reduction: str = "mean",
+        local_loss: bool = False,
     ) -> None:
         """Raise :class:`PrivacyConfigError` listing every problem and its fix; warn loudly
         about settings that are legal but weaker than they look.
@@ -126,6 +127,9 @@ class PrivacyConfig:
             The client half, checked for layers DP-SGD cannot handle (BatchNorm).
         server_loss_reduction : str (default: "mean")
             How the split server's loss reduces over a batch; DP-SGD assumes a mean.
+        local_loss : bool (default: False)
+            Whether the client trains in the local-loss variant (an auxiliary head, labels sent
+            to the split server, no gradient back).
         """
         problems = []
         for f in fields(self):
@@ -140,7 +144,13 @@ class PrivacyConfig:
                 "half learns to scale its activations up until the noise does not matter. Set "
                 "smashed_clip_norm (e.g. 1.0) as well"
             )
-        if self.label_noise_multiplier > 0 and not label_private:
+        if self.label_noise_multiplier > 0 and local_loss:
+            problems.append(
+                "label_noise_multiplier does not apply to local-loss training: the labels go to "
+                "the split server with the activations and no gradient leaves the client; set "
+                "label_noise_multiplier=0"
+            )
+        elif self.label_noise_multiplier > 0 and not label_private:
             problems.append(
                 "label_noise_multiplier protects labels in the label-private split only (in the "
                 "plain split the labels themselves go to the server); cut the model with a "
@@ -176,6 +186,12 @@ class PrivacyConfig:
                     "DP-SGD covers the client half only, but in the label-private split the "
                     "client head reaches the aggregator too; turn off DP-SGD or cut the model "
                     "without a server_cut"
+                )
+            if local_loss:
+                problems.append(
+                    "DP-SGD covers the client half only, but in local-loss training the "
+                    "auxiliary head reaches the aggregator too; turn off DP-SGD or train with "
+                    "variant 'v1' or 'v2'"
                 )
             if client_half is not None:
                 problems.extend(_opacus_problems(client_half))

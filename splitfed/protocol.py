@@ -104,6 +104,12 @@ class DataPlaneTicket:
     """FedProx: weight of the proximal term ``mu/2 ||w - w_round_start||^2`` on the client."""
     max_batch_size: int = 0
     """The most examples the split server accepts in one batch; 0: no limit announced."""
+    variant: str = "v1"
+    """The variant the split server runs (:class:`splitfed.Variant`); ``"local-loss"`` changes
+    what the client does (it trains on an auxiliary head's loss and waits for no gradient)."""
+    send_every: int = 1
+    """Local-loss: the client sends every this many batches to the split server (CSE-FSL's
+    ``k``); the others train the client half alone."""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)})

@@ -4,7 +4,10 @@ Each selected client opens one bidirectional stream per round and sends FORWARD 
 (step, activations, labels); for each it gets back a BACKWARD frame (the gradient at the cut, the
 loss) or an ERROR frame that says why the batch was refused. A bad batch is answered on its own
 stream only; every other client keeps being served. In an evaluation round, EVALUATE frames are
-answered with the batch's loss (EVALUATION) and nothing is trained.
+answered with the batch's loss (EVALUATION) and nothing is trained. A split server for local-loss
+training takes ACTIVATIONS frames (activations, labels) instead, trains its half on each without
+computing the gradient at the cut, and answers with an ACK that holds the loss and no tensor; the
+client does not wait for it before its next batch.
 
 Streams authenticate with a token derived from a per-run secret, the round, the mode and the node
 id (HMAC-SHA256, :func:`splitfed.protocol.round_token`); it reaches the client inside Flower's
@@ -157,6 +160,11 @@ class SplitServer:
         (``SMASHED``), get the server half's output back (``SERVER_OUTPUT``), send the gradient
         of their loss at it (``OUTPUT_GRADIENT``) and get the gradient at the cut
         (``BACKWARD``). The server half then ends where the client head begins.
+    local_loss : bool (default: False)
+        Serve local-loss training: clients send ``ACTIVATIONS`` frames (activations, labels)
+        without waiting, the server half trains on each without computing the gradient at the
+        cut, and each is answered by an ``ACK`` (its loss, no tensor). Not with
+        ``label_private``.
     intra_op_threads : int | None (default: None)
         Torch threads per operation (``torch.set_num_threads``, which applies to the whole
         process) set when the server starts. ``None`` leaves torch's setting. On a CPU shared by
@@ -181,9 +189,15 @@ class SplitServer:
         tls: TLSCredentials | None = None,
         insecure: bool = False,
         label_private: bool = False,
+        local_loss: bool = False,
         intra_op_threads: int | None = None,
     ) -> None:
         problems = []
+        if label_private and local_loss:
+            problems.append(
+                "local-loss training sends labels to the split server, so it cannot serve the "
+                "label-private split; pass one of label_private and local_loss"
+            )
         if intra_op_threads is not None and intra_op_threads < 1:
             problems.append(
                 f"intra_op_threads must be at least 1, or None to leave torch's setting; got "
@@ -225,9 +239,16 @@ class SplitServer:
         self.idle_timeout = idle_timeout
         self.hold_timeout = hold_timeout
         self.label_private = label_private
+        self.local_loss = local_loss
         self.intra_op_threads = intra_op_threads
         self.limits = self._frame_limits(labels, output_shape)
-        kind = "the label-private split" if label_private else "the plain split"
+        kind = (
+            "the label-private split"
+            if label_private
+            else "local-loss training (activations frames, acknowledged without a gradient)"
+            if local_loss
+            else "the plain split"
+        )
         shape = "x".join(map(str, self.activation_shape))
         self._expects = (
             f"This split server runs {kind} on activations of {shape} "
@@ -269,8 +290,9 @@ class SplitServer:
                 Mode.EVALUATE: {FrameKind.SMASHED: {"activations": activations}},
             }
         else:
+            training = FrameKind.ACTIVATIONS if self.local_loss else FrameKind.FORWARD
             kinds = {
-                Mode.TRAIN: {FrameKind.FORWARD: batch},
+                Mode.TRAIN: {training: batch},
                 Mode.EVALUATE: {FrameKind.EVALUATE: batch},
             }
         return {
@@ -507,6 +529,8 @@ class SplitServer:
             steps: _Steps = _EvaluationSteps(self, node_id, self.limits[mode])
         elif self.label_private:
             steps = _LabelPrivateSteps(self, node_id, self.limits[mode])
+        elif self.local_loss:
+            steps = _LocalLossSteps(self, node_id, self.limits[mode])
         else:
             steps = _PlainSteps(self, node_id, self.limits[mode])
         try:
@@ -677,6 +701,33 @@ class _PlainSteps(_Steps):
             activations,
             labels,
             before_step=lambda result: encoded.append(encode(result)),
+        )
+        self.expected_step += 1
+        return encoded[0], True
+
+
+class _LocalLossSteps(_Steps):
+    """Local-loss training: ACTIVATIONS (activations, labels) is answered by ACK (the loss and
+    the correct count, no tensor). The server half trains without the gradient at the cut."""
+
+    def answer(self, frame: Frame, compression: str) -> tuple[bytes, bool]:
+        activations, labels = SplitServer._batch(frame, expected_step=self.expected_step)
+        assert labels is not None  # the frame limits require them
+        encoded: list[bytes] = []
+
+        def acknowledge(result: StepResult) -> None:
+            acknowledgement = Frame(
+                FrameKind.ACK, frame.step, scalars={"loss": result.loss, "correct": result.correct}
+            )
+            encoded.append(encode_frame(acknowledgement))
+
+        SplitServer._run_server_half(
+            self.server.trainer.step,
+            self.node_id,
+            activations,
+            labels,
+            before_step=acknowledge,
+            cut_gradient=False,
         )
         self.expected_step += 1
         return encoded[0], True

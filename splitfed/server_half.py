@@ -2,10 +2,11 @@
 
 A trainer takes one batch of cut-layer activations and labels at a time, runs the server half
 forward and backward, checks the result, steps the server-half optimizer, and returns the
-gradient at the cut. Every check of a batch happens before the optimizer steps: a batch that is
-refused (its loss or gradients are not finite, or are beyond ``max_abs_gradient``; the server half
-or the loss fails on it) leaves the server half, its buffers and the optimizer state exactly as
-they were.
+gradient at the cut (local-loss training asks for none, and none is computed). The local-loss
+variant trains with either rule: one copy per client (SFLV1's) or one shared half (SFLV2's).
+Every check of a batch happens before the optimizer steps: a batch that is refused (its loss or
+gradients are not finite, or are beyond ``max_abs_gradient``; the server half or the loss fails
+on it) leaves the server half, its buffers and the optimizer state exactly as they were.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OptimizerConfig, Variant
+from .config import OptimizerConfig, ServerCopies, Variant
 
 __all__ = [
     "LossFn",
@@ -46,6 +47,7 @@ class StepResult:
     """What one server-half step returns to the client."""
 
     cut_gradient: torch.Tensor
+    """The gradient at the cut; empty when the step computed none (local-loss training)."""
     loss: float
     correct: int
 
@@ -123,13 +125,16 @@ class ServerHalfTrainer(ABC):
         labels: torch.Tensor,
         *,
         before_step: BeforeStep | None = None,
+        cut_gradient: bool = True,
     ) -> StepResult:
         """Train the server half on one batch from ``node_id``; return the gradient at the cut.
 
         Raises :class:`RefusedBatch` (and changes nothing) if the batch cannot be learned from.
         ``before_step`` runs once the batch passed every check, before the optimizer steps.
+        With ``cut_gradient=False`` (local-loss training) the gradient at the cut is neither
+        computed nor returned: the result's ``cut_gradient`` is empty.
         """
-        result = self._step(node_id, activations, labels, before_step)
+        result = self._step(node_id, activations, labels, before_step, cut_gradient)
         self._count(node_id, len(labels))
         return result
 
@@ -140,6 +145,7 @@ class ServerHalfTrainer(ABC):
         activations: torch.Tensor,
         labels: torch.Tensor,
         before_step: BeforeStep | None,
+        cut_gradient: bool = True,
     ) -> StepResult:
         """Variant-specific update for one batch."""
 
@@ -178,11 +184,16 @@ class ServerHalfTrainer(ABC):
         activations: torch.Tensor,
         labels: torch.Tensor,
         before_step: BeforeStep | None = None,
+        cut_gradient: bool = True,
     ) -> StepResult:
-        """Forward, backward, every check, then one optimizer step: the one update rule."""
+        """Forward, backward, every check, then one optimizer step: the one update rule.
+
+        ``cut_gradient=False`` skips the gradient at the cut: the activations enter as a leaf
+        that needs no gradient, and autograd stops at the server half's first layer.
+        """
         buffers = _buffers(module)  # the forward pass updates BatchNorm statistics
         try:
-            leaf = activations.to(self.device).requires_grad_(True)
+            leaf = activations.to(self.device).detach().requires_grad_(cut_gradient)
             labels = labels.to(self.device)
             optimizer.zero_grad(set_to_none=True)
             outputs: torch.Tensor = module(leaf)
@@ -193,10 +204,11 @@ class ServerHalfTrainer(ABC):
                     "(a loss that averages over the batch, like nn.CrossEntropyLoss())"
                 )
             _check_buffers(module)
-            loss.backward()
-            cut_gradient = self._checked_gradients(loss, module, leaf)
+            if loss.requires_grad:  # a frozen server half under local-loss has nothing to learn
+                loss.backward()
+            gradient = self._checked_gradients(loss, module, leaf if cut_gradient else None)
             result = StepResult(
-                cut_gradient=cut_gradient,
+                cut_gradient=gradient,
                 loss=float(loss.detach()),
                 correct=_correct(outputs.detach(), labels),
             )
@@ -210,15 +222,16 @@ class ServerHalfTrainer(ABC):
         return result
 
     def _checked_gradients(
-        self, loss: torch.Tensor | None, module: nn.Module, leaf: torch.Tensor
+        self, loss: torch.Tensor | None, module: nn.Module, leaf: torch.Tensor | None
     ) -> torch.Tensor:
-        """The gradient at the cut, once the loss and every gradient are finite and bounded."""
+        """The gradient at the cut (empty without a ``leaf``), once the loss and every gradient
+        are finite and bounded."""
         if loss is not None and not bool(torch.isfinite(loss)):
             raise RefusedBatch(
                 f"the loss of this batch is {float(loss)}; a step on it would make the server "
                 "half non-finite. Check the labels and the activations the client sends"
             )
-        cut_gradient = leaf.grad
+        cut_gradient = leaf.grad if leaf is not None else torch.empty(0)
         assert cut_gradient is not None  # a leaf that requires grad, after backward
         gradients = [p.grad for p in module.parameters() if p.grad is not None]
         largest = _largest_magnitude([cut_gradient, *gradients])
@@ -394,9 +407,12 @@ class SFLV1Trainer(ServerHalfTrainer):
         activations: torch.Tensor,
         labels: torch.Tensor,
         before_step: BeforeStep | None,
+        cut_gradient: bool = True,
     ) -> StepResult:
         module, optimizer = self._module_for(node_id)
-        return self._train_on_batch(module, optimizer, activations, labels, before_step)
+        return self._train_on_batch(
+            module, optimizer, activations, labels, before_step, cut_gradient
+        )
 
     def client_copies(self, node_ids: list[int]) -> dict[int, nn.Module]:
         return {n: self._copies[n][0] for n in node_ids if n in self._copies}
@@ -480,6 +496,7 @@ class SFLV2Trainer(ServerHalfTrainer):
         activations: torch.Tensor,
         labels: torch.Tensor,
         before_step: BeforeStep | None,
+        cut_gradient: bool = True,
     ) -> StepResult:
         with self._worker_lock:
             if self._worker is None:
@@ -494,6 +511,7 @@ class SFLV2Trainer(ServerHalfTrainer):
             activations,
             labels,
             before_step,
+            cut_gradient,
         ).result()
 
     def close(self) -> None:
@@ -543,7 +561,25 @@ def _correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
     return int((outputs.argmax(dim=1) == labels).sum())
 
 
-def make_trainer(variant: str, **kwargs: Any) -> ServerHalfTrainer:
-    """Return the trainer for ``variant`` ("v1" or "v2"), built with ``kwargs``."""
-    trainers = {Variant.V1: SFLV1Trainer, Variant.V2: SFLV2Trainer}
-    return trainers[Variant.validate(variant)](**kwargs)
+def make_trainer(
+    variant: str, *, server_copies: str | None = None, **kwargs: Any
+) -> ServerHalfTrainer:
+    """Return the trainer for ``variant``, built with ``kwargs``.
+
+    ``"v1"`` is :class:`SFLV1Trainer` and ``"v2"`` :class:`SFLV2Trainer`. ``"local-loss"``
+    trains with the rule ``server_copies`` names: ``"shared"`` (the default; SFLV2's one half in
+    arrival order) or ``"per-client"`` (SFLV1's copies, averaged when the round merges).
+    """
+    variant = Variant.validate(variant)
+    if variant != Variant.LOCAL_LOSS:
+        if server_copies is not None:
+            raise ValueError(
+                f"server_copies chooses how the local-loss variant keeps the server half; "
+                f"variant {variant!r} has its own (v1: one copy per client, v2: one shared "
+                "half). Leave server_copies unset"
+            )
+        return {Variant.V1: SFLV1Trainer, Variant.V2: SFLV2Trainer}[variant](**kwargs)
+    copies = ServerCopies.validate(server_copies or ServerCopies.SHARED)
+    if copies == ServerCopies.PER_CLIENT:
+        return SFLV1Trainer(**kwargs)
+    return SFLV2Trainer(**kwargs)

@@ -1,9 +1,10 @@
 """The client's side of SplitFed, independent of Flower: local epochs and local evaluation.
 
 :func:`run_local_epochs` trains a client's parts of a :class:`~splitfed.SplitModel` through a
-data plane; :func:`evaluate_locally` evaluates them through it. Flower's ``ClientApp`` reaches
-them through the adapters in :mod:`splitfed.client`; a benchmark, an audit or a notebook calls
-them directly.
+data plane, :func:`run_local_loss_epochs` trains them on their own loss while streaming to it
+(the local-loss variant); :func:`evaluate_locally` evaluates them through it. Flower's
+``ClientApp`` reaches them through the adapters in :mod:`splitfed.client`; a benchmark, an audit
+or a notebook calls them directly.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import torch
 from torch import nn
 
 from .cut import ModelInput, SplitModel
-from .dataplane import DataPlane, SplitServerError
+from .dataplane import DataPlane, LocalLossDataPlane, SplitServerError
 from .privacy import PrivacyConfig, distance_correlation
 
 __all__ = [
     "BatchSpec",
     "EvaluateStats",
+    "LocalLossStats",
     "LossFn",
     "TrainStats",
     "evaluate_locally",
     "run_local_epochs",
+    "run_local_loss_epochs",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -209,6 +212,28 @@ class TrainStats:
 
 
 @dataclass
+class LocalLossStats(TrainStats):
+    """What a client's local-loss training did: ``loss_sum`` and ``correct`` are its auxiliary
+    head's; the ``server_`` fields come from the split server's acknowledgements."""
+
+    sent_batches: int = 0
+    server_examples: int = 0
+    server_loss_sum: float = 0.0
+    server_correct: int = 0
+
+    def metrics(self) -> dict[str, int | float]:
+        """:meth:`TrainStats.metrics` (the auxiliary head's loss and accuracy), the batches
+        sent, and the server half's loss and accuracy on them."""
+        n = max(self.server_examples, 1)
+        return {
+            **super().metrics(),
+            "sent-batches": self.sent_batches,
+            "server-loss": self.server_loss_sum / n,
+            "server-accuracy": self.server_correct / n,
+        }
+
+
+@dataclass
 class EvaluateStats:
     """What a client's local evaluation found."""
 
@@ -292,16 +317,136 @@ def run_local_epochs(
                     privacy=privacy if defended else None,
                     generator=generator,
                 )
-            if proximal_mu > 0:
-                for param, start in zip(parameters, start_weights, strict=True):
-                    if param.grad is not None:
-                        param.grad.add_(param.detach() - start, alpha=proximal_mu)
+            _add_proximal_term(parameters, start_weights, proximal_mu)
             optimizer.step()
             stats.num_examples += len(labels)
             stats.loss_sum += loss * len(labels)
             stats.correct += correct
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def run_local_loss_epochs(
+    *,
+    split: SplitModel,
+    data_plane: LocalLossDataPlane,
+    train_loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    local_epochs: int = 1,
+    send_every: int = 1,
+    proximal_mu: float = 0.0,
+    loss_fn: LossFn | None = None,
+    privacy: PrivacyConfig | None = None,
+    generator: torch.Generator | None = None,
+    batch: Unpack | None = None,
+) -> LocalLossStats:
+    """Local-loss training: train the client's parts of ``split`` on their own loss, and
+    stream activations and labels to the split server without waiting for it.
+
+    For each batch: forward the client half, run ``split.aux_head`` on the activations, and
+    step ``optimizer`` on ``loss_fn`` of its output and the labels; every ``send_every``-th
+    batch also goes to the split server (activations detached, with the labels), whose answer
+    is not waited for. No gradient comes back: the client's update depends on its own data and
+    parts alone. At the end every batch sent is waited for, so the split server has trained on
+    all of them when this returns. ``optimizer`` must hold
+    :meth:`~splitfed.SplitModel.client_parameters` (the client half and the auxiliary head).
+
+    Parameters
+    ----------
+    split : SplitModel
+        The client's parts, with an auxiliary head (:meth:`~splitfed.SplitModel.with_aux_head`).
+    data_plane : LocalLossDataPlane
+        Where the batches go (:class:`~splitfed.GrpcDataPlane`, which bounds the batches in
+        flight).
+    train_loader : Iterable
+        The client's batches.
+    optimizer : torch.optim.Optimizer
+        Steps the client half and the auxiliary head.
+    local_epochs : int (default: 1)
+        Passes over ``train_loader``.
+    send_every : int (default: 1)
+        Send every this many batches (CSE-FSL's ``k``); the others train the client alone.
+    proximal_mu : float (default: 0.0)
+        FedProx: the term ``mu/2 * ||w - w_start||^2`` is added to the client's loss.
+    loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
+        The auxiliary head's loss, averaged over the batch; ``None`` means cross-entropy.
+    privacy : PrivacyConfig | None (default: None)
+        Smashed-data clipping and noise apply to what is sent (the auxiliary loss sees the
+        clean activations, which never leave the client); NoPeek's penalty joins the
+        auxiliary loss. Label protection does not apply (labels are sent).
+    generator : torch.Generator | None (default: None)
+        Draws the smashed-data noise.
+    batch : BatchSpec | Callable | None (default: None)
+        How to find the inputs and the labels in a batch (see :class:`BatchSpec`).
+    """
+    aux_head = split.aux_head
+    if aux_head is None:
+        raise ValueError(
+            "local-loss training needs an auxiliary head on the client: pass "
+            "split.with_aux_head(num_classes=...) (or with_aux_head(my_head)), built as the "
+            "ServerApp builds it"
+        )
+    if local_epochs < 1 or send_every < 1:
+        raise ValueError(
+            f"local_epochs and send_every must be at least 1; got {local_epochs} and {send_every}"
+        )
+    device = _device(split)
+    parameters = split.client_parameters()
+    start_weights = [p.detach().clone() for p in parameters] if proximal_mu > 0 else []
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    nopeek_weight = privacy.nopeek_weight if privacy is not None else 0.0
+    unpack = _unpacker(batch)
+    stats = LocalLossStats()
+    sent_sizes: dict[int, int] = {}
+    started = time.perf_counter()
+    for module in split.client_modules():
+        module.train()
+    for _ in range(local_epochs):
+        for inputs, labels in _batches(train_loader, unpack, device):
+            stats.steps += 1
+            activations = _call(split.client_half, inputs)
+            if stats.steps % send_every == 0:
+                # Sent before the local backward pass, so that both sides compute at once.
+                sent = (
+                    activations
+                    if privacy is None
+                    else privacy.protect_smashed(activations, generator=generator)
+                )
+                stats.sent_batches += 1
+                sent_sizes[stats.sent_batches] = len(labels)
+                data_plane.send(stats.sent_batches, sent.detach(), labels)
+            logits = aux_head(activations)
+            targets = labels.to(logits.device)
+            loss = loss_fn(logits, targets)
+            objective = loss
+            if nopeek_weight > 0 and len(labels) >= 4:
+                flat_inputs = inputs if isinstance(inputs, torch.Tensor) else _first(inputs)
+                objective = loss + nopeek_weight * distance_correlation(flat_inputs, activations)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            _add_proximal_term(parameters, start_weights, proximal_mu)
+            optimizer.step()
+            stats.num_examples += len(labels)
+            stats.loss_sum += float(loss.detach()) * len(labels)
+            stats.correct += _correct(logits, targets)
+    for acknowledgement in data_plane.flush():
+        examples = sent_sizes[acknowledgement.step]
+        stats.server_examples += examples
+        stats.server_loss_sum += acknowledgement.loss * examples
+        stats.server_correct += acknowledgement.correct
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _add_proximal_term(
+    parameters: Sequence[torch.Tensor], start_weights: Sequence[torch.Tensor], mu: float
+) -> None:
+    """FedProx: add the gradient of ``mu/2 * ||w - w_start||^2`` to each parameter's."""
+    if mu <= 0:
+        return
+    for param, start in zip(parameters, start_weights, strict=True):
+        if param.grad is not None:
+            param.grad.add_(param.detach() - start, alpha=mu)
 
 
 def _defended_step(

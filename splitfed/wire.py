@@ -137,6 +137,13 @@ class FrameKind:
     """Client to server: activations and labels of one evaluation batch."""
     EVALUATION = "evaluation"
     """Server to client: the loss and correct count of that batch, without a gradient."""
+    # Local-loss training: the client sends and goes on; nothing but an acknowledgement returns.
+    ACTIVATIONS = "activations"
+    """Client to server: cut-layer activations and labels of one batch, for the server half to
+    train on; the client does not wait for the answer."""
+    ACK = "ack"
+    """Server to client: the server half trained on that batch; its loss and correct count as
+    scalars, and no tensor."""
 
 
 class WireFormatError(ValueError):

@@ -20,7 +20,7 @@ from flwr.supercore import log
 from torch import nn
 
 from splitfed.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
-from splitfed.config import OptimizerConfig, Variant
+from splitfed.config import OptimizerConfig, ServerCopies, Variant
 from splitfed.cut import SplitModel
 from splitfed.protocol import TICKET_KEY, DataPlaneTicket, Mode
 from splitfed.resources import peak_rss_mb
@@ -61,16 +61,30 @@ class SplitFed(Strategy):
         The cut model, from :func:`splitfed.split_model` or :func:`splitfed.join_halves`. Its
         server half is copied: the strategy trains the copy. A split with a client head runs the
         label-private (U-shaped) split: labels and the loss stay with the clients, whose
-        ``ArrayRecord`` then holds the client half and the client head, merged together.
+        ``ArrayRecord`` then holds the client half and the client head, merged together. For
+        ``variant="local-loss"`` it carries an auxiliary head
+        (:meth:`~splitfed.SplitModel.with_aux_head`), which travels and is merged with the
+        client half, and which the clients' split must carry too.
     variant : str (default: "v1")
-        ``"v1"`` (SFLV1: one server-half copy per client, averaged with the client halves) or
-        ``"v2"`` (SFLV2: one server half, updated by each client's batches in arrival order).
+        ``"v1"`` (SFLV1: one server-half copy per client, averaged with the client halves),
+        ``"v2"`` (SFLV2: one server half, updated by each client's batches in arrival order) or
+        ``"local-loss"`` (each client trains its half on its auxiliary head's loss and streams
+        activations and labels to the split server without waiting; no gradient comes back).
+    server_copies : str | None (default: None)
+        ``variant="local-loss"`` only: ``"shared"`` (what ``None`` means; one server half
+        trained on every client's batches in arrival order, as SFLV2) or ``"per-client"`` (one
+        copy per client, averaged with FedAvg when the round merges, as SFLV1).
+    send_every : int (default: 1)
+        ``variant="local-loss"`` only: each client sends every this many batches to the split
+        server (CSE-FSL's ``k``); the others train the client alone. A client's ``send_every``
+        batches must fit in ``idle_timeout``.
     server_optimizer : OptimizerConfig | None (default: None)
         The server-half optimizer; ``None`` means ``OptimizerConfig()`` (SGD, lr 0.05). It keeps
         its state across batches and rounds.
     loss_fn : Callable[[Tensor, Tensor], Tensor] | None (default: None)
         The training loss on the server half's output, averaged over the batch; ``None`` means
-        cross-entropy. Not used by the label-private split, whose loss is the clients'.
+        cross-entropy. Not used by the label-private split, whose loss is the clients'. (The
+        auxiliary head's loss is the clients' too: ``train_client_half(loss_fn=...)``.)
     aggregator : Strategy | None (default: None)
         Selects clients and merges client halves; aggregates federated evaluation metrics.
         ``None`` means ``FedAvg()``. The SFLV1 server-half copies are always merged with FedAvg
@@ -128,6 +142,8 @@ class SplitFed(Strategy):
         *,
         split: SplitModel,
         variant: str = Variant.V1,
+        server_copies: str | None = None,
+        send_every: int = 1,
         server_optimizer: OptimizerConfig | None = None,
         loss_fn: LossFn | None = None,
         aggregator: Strategy | None = None,
@@ -167,6 +183,13 @@ class SplitFed(Strategy):
                 "loss_fn to train_client_half on the clients, not to the strategy"
             )
         self.variant = Variant.validate(variant)
+        _check_variant(self.variant, split, server_copies=server_copies, send_every=send_every)
+        self.server_copies = (
+            ServerCopies.validate(server_copies or ServerCopies.SHARED)
+            if self.variant == Variant.LOCAL_LOSS
+            else None
+        )
+        self.send_every = send_every
         self.data_plane_compression = data_plane_compression
         self.label_private = split.label_private
         self.server_loss_reduction = str(
@@ -186,6 +209,7 @@ class SplitFed(Strategy):
         self._split = copy.deepcopy(split)
         self.trainer = make_trainer(
             self.variant,
+            server_copies=self.server_copies,
             server_half=copy.deepcopy(split.server_half),
             optimizer=server_optimizer or OptimizerConfig(),
             loss_fn=loss_fn,
@@ -207,6 +231,7 @@ class SplitFed(Strategy):
             tls=tls,
             insecure=insecure,
             label_private=self.label_private,
+            local_loss=self.variant == Variant.LOCAL_LOSS,
             intra_op_threads=server_threads,
         )
         self._root_certificates = tls.root_certificates.decode() if tls else ""
@@ -224,7 +249,9 @@ class SplitFed(Strategy):
     def summary(self) -> None:
         """Log the SplitFed settings, then the aggregator's."""
         log(INFO, "\t├──> SplitFed settings:")
-        log(INFO, "\t│\t├── Variant: SFL%s", self.variant.upper())
+        log(INFO, "\t│\t├── Variant: %s", Variant.describe(self.variant, self.server_copies))
+        if self.variant == Variant.LOCAL_LOSS:
+            log(INFO, "\t│\t├── Send every: %d batch(es)", self.send_every)
         log(INFO, "\t│\t├── Label-private (U-shaped): %s", self.label_private)
         log(INFO, "\t│\t├── Split server: %s", self.split_server.address or "(not started)")
         log(
@@ -468,6 +495,8 @@ class SplitFed(Strategy):
                 server_loss_reduction=self.server_loss_reduction,
                 compression=self.data_plane_compression,
                 max_batch_size=self.split_server.max_batch_size,
+                variant=self.variant,
+                send_every=self.send_every,
                 **ticket,
             ).to_record()
             # The aggregator may share one RecordDict among its messages: give each its own.
@@ -656,6 +685,45 @@ def send_and_receive(
         time.sleep(pause)
         pause = min(1.5 * pause, longest_pause)
     return replies
+
+
+def _check_variant(
+    variant: str, split: SplitModel, *, server_copies: str | None, send_every: int
+) -> None:
+    """Refuse a split or settings the variant cannot run, with the fix."""
+    if variant != Variant.LOCAL_LOSS:
+        problems = []
+        if server_copies is not None:
+            problems.append(
+                f"server_copies applies to variant='local-loss' only ({Variant.describe(variant)} "
+                "keeps its own server half); leave it unset"
+            )
+        if send_every != 1:
+            problems.append(
+                f"send_every={send_every} applies to variant='local-loss' only: "
+                f"{Variant.describe(variant)} sends every batch; leave it at 1"
+            )
+        if split.aux_head is not None:
+            problems.append(
+                "the split has an auxiliary head, which only variant='local-loss' trains; pass "
+                "the split without with_aux_head(...)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return
+    if split.label_private:
+        raise ValueError(
+            "variant='local-loss' sends the labels to the split server, so it cannot run the "
+            "label-private split: cut the model without server_cut, or use variant 'v1' or 'v2'"
+        )
+    if split.aux_head is None:
+        raise ValueError(
+            "variant='local-loss' trains each client half on an auxiliary head's loss: pass "
+            "split=split.with_aux_head(num_classes=...) (or with_aux_head(my_head)), and give "
+            "the clients the same"
+        )
+    if send_every < 1:
+        raise ValueError(f"send_every must be at least 1; got {send_every}")
 
 
 def _cast_like(arrays: ArrayRecord, dtypes: dict[str, np.dtype[Any]]) -> ArrayRecord:

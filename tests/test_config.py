@@ -188,9 +188,11 @@ def test_build_returns_a_new_optimizer_each_time() -> None:
         ("SflV1", "v1"),
         (Variant.V1, "v1"),
         (Variant.V2, "v2"),
+        ("local-loss", "local-loss"),
+        ("Local-Loss", "local-loss"),
     ],
 )
-def test_variant_validate_accepts_v1_and_v2_in_any_case_with_or_without_sfl(
+def test_variant_validate_accepts_the_variants_in_any_case_v1_and_v2_with_or_without_sfl(
     name: str, expected: str
 ) -> None:
     assert Variant.validate(name) == expected
@@ -198,13 +200,14 @@ def test_variant_validate_accepts_v1_and_v2_in_any_case_with_or_without_sfl(
 
 @pytest.mark.parametrize("name", ["v3", "", "sfl", "1", "vv1", "sflsflv1", "v1 ", "split", None, 1])
 def test_variant_validate_refuses_other_names_and_lists_the_accepted_ones(name: object) -> None:
-    with pytest.raises(ValueError, match=r"variant must be one of v1, v2; got"):
+    with pytest.raises(ValueError, match=r"variant must be one of v1, v2, local-loss; got"):
         Variant.validate(name)  # type: ignore[arg-type]
 
 
 def test_variant_constants() -> None:
     assert (Variant.V1, Variant.V2) == ("v1", "v2")
-    assert Variant.ALL == ("v1", "v2")
+    assert Variant.LOCAL_LOSS == "local-loss"
+    assert Variant.ALL == ("v1", "v2", "local-loss")
 
 
 # Optimizer state
@@ -415,6 +418,15 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
         ({"client-lr": -1}, "client-lr must be positive"),
         ({"server-optimizer": "rmsprop"}, "server-optimizer='rmsprop' must be one of"),
         ({"data-plane-compression": "zip"}, "data-plane-compression='zip' must be one of"),
+        ({"variant": "local-loss", "send-every": 0}, "send-every=0 must be at least 1"),
+        ({"send-every": 2}, "send-every=2 applies to variant='local-loss' only"),
+        ({"server-copies": "per-client"}, "server-copies='per-client' applies to variant="),
+        ({"variant": "local-loss", "server-copies": "all"}, "server-copies='all' must be one of"),
+        ({"variant": "local-loss", "aux-head": "conv"}, "aux-head='conv' must be one of linear"),
+        (
+            {"variant": "local-loss", "dp-noise-multiplier": 1.0, "dp-max-grad-norm": 1.0},
+            "auxiliary head reaches the aggregator too",
+        ),
         (
             {"split-server-insecure": False, "split-server-certfile": "s.crt"},
             "split-server-insecure=false needs split-server-keyfile, split-server-ca-certfile",

@@ -182,7 +182,7 @@ def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
 def test_a_bad_run_config_fails_the_run_with_the_reason(launch):
     result = launch(run_config={"variant": "v3", "num-server-rounds": 1}, num_supernodes=2)
     assert result.status == "finished:failed"
-    assert "variant must be one of v1, v2; got 'v3'" in result.details
+    assert "variant must be one of v1, v2, local-loss; got 'v3'" in result.details
 
 
 def test_client_apps_spread_over_the_cluster_and_reach_the_split_server(launch, ray_cluster):

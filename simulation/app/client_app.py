@@ -16,7 +16,9 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: every batch of the local epochs goes through the split server."""
+    """One round: every batch of the local epochs goes through the split server (in a
+    local-loss run, every ``send-every``-th one, while the client trains on the auxiliary head
+    that ``model_split`` adds and the ticket asks for)."""
     config = AppConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))

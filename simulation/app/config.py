@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, Variant
+from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, ServerCopies, Variant
 from splitfed.wire import COMPRESSIONS
 
 from .datasets import DataConfigError
-from .models import MODELS
+from .models import AUX_HEADS, MODELS
 from .task import data_config
 
 if sys.version_info >= (3, 11):
@@ -101,6 +101,9 @@ class AppConfig:
     fraction_evaluate: float = _default("fraction-evaluate")
     min_evaluate_nodes: int = _default("min-evaluate-nodes")
     merge_every: int = _default("merge-every")
+    send_every: int = _default("send-every")
+    aux_head: str = _default("aux-head")
+    server_copies: str = _default("server-copies")
     dataset: str = _default("dataset")
     data_files: str = _default("data-files")
     data_dir: str = _default("data-dir")
@@ -156,10 +159,12 @@ class AppConfig:
                 ("batch-size", self.batch_size),
                 ("local-epochs", self.local_epochs),
                 ("merge-every", self.merge_every),
+                ("send-every", self.send_every),
                 ("max-failed-rounds", self.max_failed_rounds),
             )
             if value < 1
         ]
+        problems.extend(self._local_loss_problems())
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -205,7 +210,9 @@ class AppConfig:
                 "machine that runs the ServerApp)"
             )
         try:
-            self.privacy().validate(label_private=self.label_private)
+            self.privacy().validate(
+                label_private=self.label_private, local_loss=self.variant == Variant.LOCAL_LOSS
+            )
         except PrivacyConfigError as err:
             problems.append(_in_run_config_words(str(err)))
         if self.batch_norm and self.privacy().dp_sgd:
@@ -215,6 +222,34 @@ class AppConfig:
             )
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
+
+    def _local_loss_problems(self) -> list[str]:
+        problems = []
+        if self.aux_head not in AUX_HEADS:
+            problems.append(f"aux-head={self.aux_head!r} must be one of {', '.join(AUX_HEADS)}")
+        if self.server_copies not in ServerCopies.ALL:
+            problems.append(
+                f"server-copies={self.server_copies!r} must be one of "
+                f"{', '.join(map(repr, ServerCopies.ALL))}"
+            )
+        if self.variant == Variant.LOCAL_LOSS:
+            if self.label_private:
+                problems.append(
+                    "label-private=true cannot run with variant='local-loss', which sends the "
+                    "labels to the split server; set label-private=false or variant 'v1' or 'v2'"
+                )
+            return problems
+        if self.send_every != 1:
+            problems.append(
+                f"send-every={self.send_every} applies to variant='local-loss' only; "
+                f"{self.variant} sends every batch"
+            )
+        if self.server_copies != ServerCopies.SHARED:
+            problems.append(
+                f"server-copies={self.server_copies!r} applies to variant='local-loss' only; "
+                "v1 keeps a server half per client and v2 one shared half"
+            )
+        return problems
 
     def privacy(self) -> PrivacyConfig:
         """The client-side defenses this run config asks for."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "AUX_HEADS",
     "DEFAULT_CUTS",
     "MODELS",
     "BasicBlock",
@@ -263,6 +264,10 @@ DEFAULT_CUTS: dict[str, tuple[str, str]] = {
 }
 """(cut, server-cut) of each model: the client keeps the modules up to ``cut``; in the
 label-private split the server stops at ``server-cut``."""
+
+AUX_HEADS: dict[str, int] = {"linear": 0, "mlp": 128}
+"""The local-loss auxiliary heads by run-config name (``aux-head``): the hidden width of
+:func:`splitfed.default_aux_head` (0: one linear layer)."""
 
 
 def register_model(

@@ -14,7 +14,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
 from flwr.supercore import log
 
-from splitfed import CheckpointConfig, SplitFed, SplitFedResult, TLSCredentials
+from splitfed import (
+    CheckpointConfig,
+    ServerCopies,
+    SplitFed,
+    SplitFedResult,
+    TLSCredentials,
+    Variant,
+)
 
 from .config import AppConfig
 from .plots import plot_run
@@ -42,9 +49,14 @@ def main(grid: Grid, context: Context) -> None:
     test_inputs, test_labels = data.central_test()
     device = config.resolved_server_device()
     output_dir = Path(config.output_dir) if config.output_dir else None
+    local_loss = config.variant == Variant.LOCAL_LOSS
+    server_copies = config.server_copies if local_loss else None
+    per_client = config.variant == Variant.V1 or server_copies == ServerCopies.PER_CLIENT
     strategy = SplitFed(
         split=split,
         variant=config.variant,
+        server_copies=server_copies,
+        send_every=config.send_every,
         server_optimizer=config.server_optimizer,
         aggregator=make_aggregator(config),
         merge_every=config.merge_every,
@@ -61,8 +73,9 @@ def main(grid: Grid, context: Context) -> None:
         device=device,
         data_plane_compression=config.data_plane_compression,
         max_failed_rounds=config.max_failed_rounds,
-        # SFLV1 serves concurrent clients in parallel: one core each beats all fighting over all.
-        server_threads=1 if config.variant == "v1" and device == "cpu" else None,
+        # Copies per client serve concurrent clients in parallel: one core each beats all
+        # fighting over all.
+        server_threads=1 if per_client and device == "cpu" else None,
         checkpoint=CheckpointConfig(
             path=output_dir / CHECKPOINT_NAME,
             fingerprint=config.fingerprint(),
@@ -87,18 +100,19 @@ def main(grid: Grid, context: Context) -> None:
     final = result.evaluate_metrics_serverapp[config.num_server_rounds]
     log(
         INFO,
-        "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of SFL%s",
+        "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of %s",
         final["test-accuracy"],
         final["test-loss"],
         config.num_server_rounds,
-        config.variant.upper(),
+        Variant.describe(config.variant, server_copies),
     )
     if output_dir is not None:
         save_result(
             output_dir,
             result,
             strategy.global_model(result.arrays),
-            title=f"SFL{config.variant.upper()}, {config.model} on {config.dataset}",
+            title=f"{Variant.describe(config.variant, server_copies)}, {config.model} on "
+            f"{config.dataset}",
         )
 
 

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from splitfed import BatchSpec, SplitModel, split_model
+from splitfed import BatchSpec, SplitModel, Variant, split_model
 
 from .datasets import DataConfig, FederatedData, load_federated, loader
-from .models import DEFAULT_CUTS, build_model, digits_cnn
+from .models import AUX_HEADS, DEFAULT_CUTS, build_model, digits_cnn
 
 if TYPE_CHECKING:
     from .config import AppConfig
@@ -63,12 +63,14 @@ def federated_data(config: AppConfig, *, num_partitions: int = 1) -> FederatedDa
 
 
 def model_split(config: AppConfig, data: FederatedData, *, client_side: bool) -> SplitModel:
-    """The run's model, cut where the run config says (or at the model's default cuts).
+    """The run's model, cut where the run config says (or at the model's default cuts), with
+    the auxiliary head ``aux-head`` names for ``variant = "local-loss"``.
 
     The server builds the whole model (seeded by the caller); with ``client_side`` the model is
     built on the meta device and only the client's parts get memory: their weights come from the
     server's message.
     """
+
     cut, server_cut = DEFAULT_CUTS.get(config.model, ("", ""))
     sample = data.sample_input()
     extra = {"batch_norm": config.batch_norm} if config.model == "cnn" else {}
@@ -82,6 +84,11 @@ def model_split(config: AppConfig, data: FederatedData, *, client_side: bool) ->
         server_cut=(config.server_cut or server_cut) if config.label_private else None,
         sample_input=sample,
     )
+    if config.variant == Variant.LOCAL_LOSS:
+        with torch.device("meta") if client_side else contextlib.nullcontext():
+            split = split.with_aux_head(
+                num_classes=data.num_classes, hidden_features=AUX_HEADS[config.aux_head]
+            )
     return split.materialize_client() if client_side else split
 
 
