@@ -9,6 +9,7 @@ server-half update rules) lives in this package's modules; the Flower strategy i
 :mod:`splitfed.strategies`, which builds on the core and is never imported by it.
 """
 
+from .batched import BatchedSFLV1Trainer
 from .checkpoint import CheckpointConfig, CheckpointError
 from .client import evaluate_client_half, train_client_half
 from .config import OptimizerConfig, ServerCopies, Variant
@@ -68,6 +69,7 @@ __all__ = [
     "PrivacyConfigError",
     "RoundStats",
     "SFLV1Trainer",
+    "BatchedSFLV1Trainer",
     "SFLV2Trainer",
     "ServerCopies",
     "ServerHalfTrainer",

@@ -562,13 +562,21 @@ def _correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 def make_trainer(
-    variant: str, *, server_copies: str | None = None, **kwargs: Any
+    variant: str,
+    *,
+    server_copies: str | None = None,
+    batched: bool = False,
+    batch_window: float = 0.001,
+    **kwargs: Any,
 ) -> ServerHalfTrainer:
     """Return the trainer for ``variant``, built with ``kwargs``.
 
     ``"v1"`` is :class:`SFLV1Trainer` and ``"v2"`` :class:`SFLV2Trainer`. ``"local-loss"``
     trains with the rule ``server_copies`` names: ``"shared"`` (the default; SFLV2's one half in
     arrival order) or ``"per-client"`` (SFLV1's copies, averaged when the round merges).
+    ``batched=True`` runs the steps of copies that arrive within ``batch_window`` seconds as one
+    vectorised pass (:class:`splitfed.batched.BatchedSFLV1Trainer`; for accelerators, slower on
+    a CPU); it applies only where there is one copy per client.
     """
     variant = Variant.validate(variant)
     if variant != Variant.LOCAL_LOSS:
@@ -578,8 +586,20 @@ def make_trainer(
                 f"variant {variant!r} has its own (v1: one copy per client, v2: one shared "
                 "half). Leave server_copies unset"
             )
-        return {Variant.V1: SFLV1Trainer, Variant.V2: SFLV2Trainer}[variant](**kwargs)
-    copies = ServerCopies.validate(server_copies or ServerCopies.SHARED)
-    if copies == ServerCopies.PER_CLIENT:
-        return SFLV1Trainer(**kwargs)
-    return SFLV2Trainer(**kwargs)
+        per_client = variant == Variant.V1
+    else:
+        copies = ServerCopies.validate(server_copies or ServerCopies.SHARED)
+        per_client = copies == ServerCopies.PER_CLIENT
+    if not per_client:
+        if batched:
+            raise ValueError(
+                "batched=True stacks the server-half copies of concurrent clients; this variant "
+                "trains one shared half in arrival order, which has nothing to stack. Use "
+                "variant 'v1' (or local-loss with server_copies='per-client'), or batched=False"
+            )
+        return SFLV2Trainer(**kwargs)
+    if batched:
+        from .batched import BatchedSFLV1Trainer  # noqa: PLC0415 (it builds on this module)
+
+        return BatchedSFLV1Trainer(max_wait=batch_window, **kwargs)
+    return SFLV1Trainer(**kwargs)

@@ -124,6 +124,11 @@ class SplitFed(Strategy):
         Stop the run with :class:`SplitFedRunError`, naming the clients' failure reasons, after
         this many consecutive rounds in which no client finished. The ServerApp then ends with
         an error instead of a completed run that learned nothing.
+    batched : bool (default: False)
+        Run the steps of concurrent clients as one vectorised pass over their server-half
+        copies (:class:`splitfed.batched.BatchedSFLV1Trainer`); for a server half on an
+        accelerator (on a CPU it is slower). Only with one copy per client: ``variant="v1"``,
+        or local-loss with ``server_copies="per-client"``.
     server_threads : int | None (default: None)
         Torch threads per server-half operation, set for this process when the split server
         starts (see :class:`splitfed.SplitServer`'s ``intra_op_threads``). ``None`` leaves
@@ -162,6 +167,7 @@ class SplitFed(Strategy):
         max_failed_rounds: int = 3,
         data_plane_compression: str = "none",
         server_threads: int | None = None,
+        batched: bool = False,
         checkpoint: CheckpointConfig | None = None,
     ) -> None:
         if data_plane_compression not in COMPRESSIONS:
@@ -210,6 +216,7 @@ class SplitFed(Strategy):
         self.trainer = make_trainer(
             self.variant,
             server_copies=self.server_copies,
+            batched=batched,
             server_half=copy.deepcopy(split.server_half),
             optimizer=server_optimizer or OptimizerConfig(),
             loss_fn=loss_fn,
