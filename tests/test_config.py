@@ -414,7 +414,7 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
         ({"fraction-train": 0.0}, r"fraction-train=0.0 must be in \(0, 1\]"),
         ({"partitioner": "x"}, "partitioner='x' is not known; use one of iid, dirichlet"),
         ({"dirichlet-alpha": 0}, "dirichlet-alpha=0.0 must be positive"),
-        ({"variant": "v3"}, "variant must be one of v1, v2"),
+        ({"variant": "v3"}, "variant='v3' must be one of v1, v2, local-loss, fedavg"),
         ({"client-lr": -1}, "client-lr must be positive"),
         ({"server-optimizer": "rmsprop"}, "server-optimizer='rmsprop' must be one of"),
         ({"data-plane-compression": "zip"}, "data-plane-compression='zip' must be one of"),

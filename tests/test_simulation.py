@@ -113,6 +113,20 @@ def test_sflv1_under_flwr_run_equals_fedavg_of_the_unsplit_model(overrides, laun
     )
 
 
+def test_fedavg_baseline_under_flwr_run_is_fedavg_of_the_whole_model(launch):
+    # The benchmark's baseline: the same task, the whole model trained on every client.
+    overrides = {"num-server-rounds": 2, "client-momentum": 0.0}
+    config = AppConfig.from_run_config(overrides)
+    result = launch(run_config={**overrides, "variant": "fedavg"}, num_supernodes=3)
+    assert result.completed, result.failure_report()
+    assert_trained_model_is(
+        result, unsplit_reference(rounds=config.num_server_rounds, num_partitions=3, config=config)
+    )
+    # Timed between consecutive central evaluations, the same way as SplitFed's rounds.
+    assert all(result.metrics[r]["round-wall-seconds"] > 0 for r in (1, 2))
+    assert all(0 < result.metrics[r]["train-loss"] < 10 for r in (1, 2))
+
+
 def test_batchnorm_buffers_travel_with_the_client_half_and_are_averaged(launch):
     overrides = {"num-server-rounds": 1, "batch-norm": True}
     config = AppConfig.from_run_config(overrides)
@@ -182,7 +196,7 @@ def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
 def test_a_bad_run_config_fails_the_run_with_the_reason(launch):
     result = launch(run_config={"variant": "v3", "num-server-rounds": 1}, num_supernodes=2)
     assert result.status == "finished:failed"
-    assert "variant must be one of v1, v2, local-loss; got 'v3'" in result.details
+    assert "variant='v3' must be one of v1, v2, local-loss, fedavg" in result.details
 
 
 def test_client_apps_spread_over_the_cluster_and_reach_the_split_server(launch, ray_cluster):

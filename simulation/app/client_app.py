@@ -8,8 +8,16 @@ from flwr.clientapp import ClientApp
 
 from splitfed import DataPlaneTicket, evaluate_client_half, train_client_half
 
+from . import fedavg
 from .config import AppConfig
-from .task import batch_spec, federated_data, model_split, test_loader, train_loader
+from .task import (
+    batch_spec,
+    federated_data,
+    model_split,
+    test_loader,
+    train_loader,
+    whole_model,
+)
 
 app = ClientApp()
 
@@ -22,6 +30,16 @@ def train(msg: Message, context: Context) -> Message:
     config = AppConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))
+    if config.variant == fedavg.FEDAVG:
+        server_round = int(msg.content["config"]["server-round"])
+        return fedavg.train_reply(
+            msg,
+            whole_model(config, data),
+            loader=train_loader(config, data, partition_id=partition_id, server_round=server_round),
+            batch=batch_spec(data),
+            optimizer=config.client_optimizer,
+            local_epochs=config.local_epochs,
+        )
     privacy = config.privacy()
     return train_client_half(
         msg,
@@ -47,10 +65,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation: the merged model on this client's share of the held-out data."""
     config = AppConfig.from_run_config(context.run_config)
     data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))
+    loader = test_loader(config, data, partition_id=int(context.node_config["partition-id"]))
+    if config.variant == fedavg.FEDAVG:
+        return fedavg.evaluate_reply(
+            msg, whole_model(config, data), loader=loader, batch=batch_spec(data)
+        )
     return evaluate_client_half(
         msg,
         context,
         split=model_split(config, data, client_side=True),
-        loader=test_loader(config, data, partition_id=int(context.node_config["partition-id"])),
+        loader=loader,
         batch=batch_spec(data),
     )

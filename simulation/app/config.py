@@ -21,6 +21,7 @@ from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, ServerC
 from splitfed.wire import COMPRESSIONS
 
 from .datasets import DataConfigError
+from .fedavg import FEDAVG
 from .models import AUX_HEADS, MODELS
 from .task import data_config
 
@@ -151,7 +152,8 @@ class AppConfig:
     server_optimizer: OptimizerConfig = field(default=optimizer_config(_DEFAULTS, prefix="server-"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "variant", Variant.validate(self.variant))
+        if self.variant != FEDAVG:
+            object.__setattr__(self, "variant", _validated_variant(self.variant))
         problems = [
             f"{name}={value} must be at least 1"
             for name, value in (
@@ -165,6 +167,11 @@ class AppConfig:
             if value < 1
         ]
         problems.extend(self._local_loss_problems())
+        if self.variant == FEDAVG and (self.label_private or self.privacy().enabled):
+            problems.append(
+                "variant='fedavg' trains the whole model on the clients, with no cut: "
+                "label-private and the privacy defenses apply to SplitFed's variants only"
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(f"fraction-train={self.fraction_train} must be in (0, 1]")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -340,3 +347,14 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is str and isinstance(value, str | int):
         return str(value)
     raise ValueError(f"run-config key {key!r} should be {kind.__name__}, got {value!r}")
+
+
+def _validated_variant(variant: str) -> str:
+    """``variant`` normalised, or an error naming every variant the app runs."""
+    try:
+        return Variant.validate(variant)
+    except ValueError:
+        raise ValueError(
+            f"invalid run config: variant={variant!r} must be one of "
+            f"{', '.join((*Variant.ALL, FEDAVG))}"
+        ) from None

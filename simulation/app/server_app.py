@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, Result, Strategy
 from flwr.supercore import log
 
 from splitfed import (
@@ -23,9 +25,10 @@ from splitfed import (
     Variant,
 )
 
+from . import fedavg
 from .config import AppConfig
 from .plots import plot_run
-from .task import evaluate_model, federated_data, model_split
+from .task import evaluate_model, federated_data, model_split, whole_model
 
 app = ServerApp()
 
@@ -45,10 +48,13 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(config.seed)
 
     data = federated_data(config)
-    split = model_split(config, data, client_side=False)
     test_inputs, test_labels = data.central_test()
-    device = config.resolved_server_device()
     output_dir = Path(config.output_dir) if config.output_dir else None
+    if config.variant == fedavg.FEDAVG:
+        run_fedavg(grid, config, whole_model(config, data), test_inputs, test_labels, output_dir)
+        return
+    split = model_split(config, data, client_side=False)
+    device = config.resolved_server_device()
     local_loss = config.variant == Variant.LOCAL_LOSS
     server_copies = config.server_copies if local_loss else None
     per_client = config.variant == Variant.V1 or server_copies == ServerCopies.PER_CLIENT
@@ -85,18 +91,77 @@ def main(grid: Grid, context: Context) -> None:
         else None,
     )
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = strategy.global_model(arrays)
-        loss, accuracy = evaluate_model(model, test_inputs, test_labels)
-        return MetricRecord({"test-accuracy": accuracy, "test-loss": loss})
-
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(split.client_state_dict()),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
-        evaluate_fn=evaluate,
+        evaluate_fn=timed_evaluation(
+            lambda arrays: evaluate_model(strategy.global_model(arrays), test_inputs, test_labels)
+        ),
     )
+    report(
+        config,
+        result,
+        strategy.global_model(result.arrays),
+        output_dir,
+        Variant.describe(config.variant, server_copies),
+    )
+
+
+def run_fedavg(
+    grid: Grid,
+    config: AppConfig,
+    model: torch.nn.Module,
+    test_inputs: torch.Tensor,
+    test_labels: torch.Tensor,
+    output_dir: Path | None,
+) -> None:
+    """The baseline: the whole model trained on the clients, merged by the aggregator."""
+
+    def evaluate(arrays: ArrayRecord) -> tuple[float, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate_model(model, test_inputs, test_labels)
+
+    result = make_aggregator(config).start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        evaluate_fn=timed_evaluation(evaluate),
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    report(config, result, model, output_dir, f"{config.aggregator} of the whole model (no split)")
+
+
+def timed_evaluation(
+    evaluate: Callable[[ArrayRecord], tuple[float, float]],
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Central evaluation for Flower's ``evaluate_fn``, adding ``round-wall-seconds``: the time
+    from the end of the previous round's evaluation to the start of this one, which is the
+    round itself (training, merging, federated evaluation), measured alike for every variant."""
+    previous_end: list[float] = []
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        start = time.perf_counter()
+        loss, accuracy = evaluate(arrays)
+        metrics = {"test-accuracy": accuracy, "test-loss": loss}
+        if previous_end:
+            metrics["round-wall-seconds"] = start - previous_end[0]
+        previous_end[:] = [time.perf_counter()]
+        return MetricRecord(metrics)
+
+    return evaluate_fn
+
+
+def report(
+    config: AppConfig,
+    result: Result,
+    model: torch.nn.Module,
+    output_dir: Path | None,
+    description: str,
+) -> None:
+    """Log the final accuracy; write the model, metrics and their picture to ``output_dir``."""
     final = result.evaluate_metrics_serverapp[config.num_server_rounds]
     log(
         INFO,
@@ -104,15 +169,11 @@ def main(grid: Grid, context: Context) -> None:
         final["test-accuracy"],
         final["test-loss"],
         config.num_server_rounds,
-        Variant.describe(config.variant, server_copies),
+        description,
     )
     if output_dir is not None:
         save_result(
-            output_dir,
-            result,
-            strategy.global_model(result.arrays),
-            title=f"{Variant.describe(config.variant, server_copies)}, {config.model} on "
-            f"{config.dataset}",
+            output_dir, result, model, title=f"{description}, {config.model} on {config.dataset}"
         )
 
 
@@ -133,12 +194,14 @@ def make_aggregator(config: AppConfig) -> Strategy:
     return FedAvg(**sampling)
 
 
-def run_history(result: SplitFedResult) -> dict[int, dict[str, float]]:
-    """Per round: what crossed the data plane, the central and federated evaluation, and the
-    clients' training metrics (``train-`` keys)."""
+def run_history(result: Result) -> dict[int, dict[str, float]]:
+    """Per round: what crossed the data plane (SplitFed only), the central and federated
+    evaluation, and the clients' training metrics (``train-`` keys)."""
+    round_metrics = result.round_metrics if isinstance(result, SplitFedResult) else {}
+    rounds = set(round_metrics) | set(result.train_metrics_clientapp)
     return {
         server_round: {
-            **dict(result.round_metrics[server_round]),
+            **dict(round_metrics.get(server_round, {})),
             **dict(result.evaluate_metrics_serverapp.get(server_round, {})),
             **{
                 f"federated-{key}": value
@@ -151,13 +214,11 @@ def run_history(result: SplitFedResult) -> dict[int, dict[str, float]]:
                 for key, value in dict(result.train_metrics_clientapp.get(server_round, {})).items()
             },
         }
-        for server_round in sorted(result.round_metrics)
+        for server_round in sorted(rounds)
     }
 
 
-def save_result(
-    output_dir: Path, result: SplitFedResult, model: torch.nn.Module, *, title: str
-) -> None:
+def save_result(output_dir: Path, result: Result, model: torch.nn.Module, *, title: str) -> None:
     """Write the final model (``model.pt``: its ``state_dict``, the original model's keys), the
     per-round metrics (``metrics.json``) and their picture (``metrics.png``)."""
     output_dir.mkdir(parents=True, exist_ok=True)

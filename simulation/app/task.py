@@ -33,6 +33,7 @@ __all__ = [
     "round_shuffle_seed",
     "test_loader",
     "train_loader",
+    "whole_model",
 ]
 
 
@@ -73,11 +74,8 @@ def model_split(config: AppConfig, data: FederatedData, *, client_side: bool) ->
 
     cut, server_cut = DEFAULT_CUTS.get(config.model, ("", ""))
     sample = data.sample_input()
-    extra = {"batch_norm": config.batch_norm} if config.model == "cnn" else {}
     with torch.device("meta") if client_side else contextlib.nullcontext():
-        model = build_model(
-            config.model, num_classes=data.num_classes, sample_input=sample, **extra
-        )
+        model = whole_model(config, data)
     split = split_model(
         model,
         cut=config.cut or cut,
@@ -90,6 +88,14 @@ def model_split(config: AppConfig, data: FederatedData, *, client_side: bool) ->
                 num_classes=data.num_classes, hidden_features=AUX_HEADS[config.aux_head]
             )
     return split.materialize_client() if client_side else split
+
+
+def whole_model(config: AppConfig, data: FederatedData) -> nn.Module:
+    """The run's model, uncut (on the current default device)."""
+    extra = {"batch_norm": config.batch_norm} if config.model == "cnn" else {}
+    return build_model(
+        config.model, num_classes=data.num_classes, sample_input=data.sample_input(), **extra
+    )
 
 
 def batch_spec(data: FederatedData) -> BatchSpec:
