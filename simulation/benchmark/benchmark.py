@@ -1,485 +1,56 @@
-"""How fast SplitFed is, as ratios measured side by side: ``python -m simulation.benchmark``.
+"""How fast SplitFed is, against baselines run in the same process on the same data:
+``python -m simulation.benchmark``.
 
-Every ratio is measured in one process on the same data and is the median of ``--repeats``
-repetitions, the two sides interleaved so that a noisy machine slows both alike:
+Every figure is the minimum of ``--repeats`` repetitions, shown as ``min (median, spread%)`` with
+the machine's load while it ran; a figure whose repeats spread more than the noise bound is marked
+``noisy`` (and so is a ratio built from one). The two sides of a comparison are interleaved, so
+that a busy spell slows both.
 
-- **overhead vs the limit**: the wall time of one steady-state SplitFed round (the split server
-  in this process, every client in its own process with one torch thread, as Flower's
-  simulation runs ClientApps, talking to it over real gRPC on loopback; then FedAvg of the client
-  halves and, for SFLV1, of the server-half copies), divided by the time to train the unsplit
-  model in one process on the same samples with the same batch size (the faster of 1 and 2 torch
-  threads). With ``c`` cores the limit is ``1/c``.
-- **one Flower message per batch**: the same split step driven by a ``send_and_receive`` round
-  trip per batch through Flower's simulation engine, per step, against the data plane's step.
-- **bytes per sample** on the data plane (per compression) and for model sync, next to FedAvg of
-  the full model for the same clients.
-- **client cost**: parameters, forward+backward FLOPs per sample and training memory of the
-  client half, next to the full model.
-- ``--scaling``: the SFLV1 split server's throughput with 1 to 16 concurrent clients that only
-  send batches (no client compute), so the server's own limits show.
+- **step**: one client's training step through the split server (SFLV1, client and server in
+  processes of their own, one torch thread each, gRPC on loopback) against the same step of the
+  unsplit model in the client's process: what the data plane adds to a step.
+- **overhead**: a steady SplitFed round of several clients (each in its own process) against
+  training the unsplit model on the same samples in one process, with one torch thread and with
+  all cores (the baseline is the faster; both are shown so that a slowed baseline shows). With
+  ``c`` cores the limit is ``1/c``.
+- **messages**: the same step driven by one Flower message per batch through Flower's
+  simulation engine, against the data plane.
+- **rounds**: the app's round under ``flwr run`` (SFLV1, SFLV2) against the same rounds in one
+  process with clients one after another (as the original SplitFed scripts train) and against
+  Flower's FedAvg of the unsplit model on the same engine, data and clients, for several numbers
+  of clients; drawn in ``round_time.png``.
+- **bytes** and **cost**: what a batch puts on the wire per compression, model sync, and the
+  client half's parameters, FLOPs and training memory next to the full model's (exact counts).
+- **scaling**: the SFLV1 split server's throughput with 1 to 16 clients that only send.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import multiprocessing as mp
+import json
 import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from splitfed.wire import COMPRESSIONS
 
-from splitfed import (
-    SplitModel,
-    SplitServer,
-    make_trainer,
+from .measure import (
+    frame_bytes,
+    measure_overhead,
+    measure_scaling,
+    measure_step,
+    message_per_batch,
+    state_bytes,
+    training_cost,
 )
-from splitfed.protocol import METADATA_NODE, METADATA_ROUND, METADATA_TOKEN, STREAM_METHOD
-from splitfed.wire import COMPRESSIONS, Frame, FrameKind, encode_frame
+from .models import WORKLOADS, synthetic_partition
+from .stats import NOISE_BOUND, Repeated, machine
 
-from .clients import OPTIMIZER, client_process, per_message_client_app
-from .models import WORKLOADS, Workload, batches, synthetic_partition
+__all__ = ["SECTIONS", "main"]
 
-__all__ = ["main"]
-
-
-def _context() -> mp.context.BaseContext:
-    # Client processes fork from a server process that has imported torch once: they start in
-    # a fraction of a second, without the parent's threads.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "simulation.benchmark.clients"])
-    return ctx
-
-
-# -- the two sides of the overhead ratio ---------------------------------------------------------
-
-
-def train_unsplit(
-    model: nn.Module, data: Sequence[tuple[torch.Tensor, torch.Tensor]], *, threads: int
-) -> float:
-    """Seconds to train ``model`` one pass over ``data`` with ``threads`` torch threads."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        optimizer = OPTIMIZER.build(model.parameters())
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        started = time.perf_counter()
-        for inputs, labels in data:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(inputs), labels).backward()
-            optimizer.step()
-        return time.perf_counter() - started
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    averaged = {}
-    for key, reference in states[0].items():
-        value = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
-        averaged[key] = value.to(reference.dtype)
-    return averaged
-
-
-@dataclass
-class SplitRun:
-    """A split server and its client processes, kept for several rounds."""
-
-    workload: Workload
-    variant: str
-    samples: int
-    num_clients: int
-    compression: str = "none"
-    server_threads: int | None = None
-    split: SplitModel = field(init=False)
-    server: SplitServer = field(init=False)
-    startup_seconds: float = 0.0
-    round_number: int = 0
-    last_bytes: int = 0
-    last_examples: int = 0
-    last_steps: int = 0
-    client_step_seconds: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        started = time.perf_counter()
-        self.split = self.workload.split()
-        self.client_state = self.split.client_half.state_dict()
-        trainer = make_trainer(
-            self.variant,
-            server_half=copy.deepcopy(self.split.server_half),
-            optimizer=OPTIMIZER,
-        )
-        self.server = SplitServer(
-            trainer=trainer,
-            activation_shape=self.split.activation_shape,
-            activation_dtype=self.split.activation_dtype,
-            insecure=True,
-            intra_op_threads=self.server_threads,
-        )
-        self.server.start()
-        ctx = _context()
-        self.pipes: list[Connection] = []
-        self.processes = []
-        for client in range(self.num_clients):
-            parent, child = ctx.Pipe()
-            process = ctx.Process(
-                target=client_process,
-                args=(child, self.workload.name, client, self.samples, False),
-                daemon=True,
-            )
-            process.start()
-            self.pipes.append(parent)
-            self.processes.append(process)
-        for pipe in self.pipes:
-            pipe.recv()
-        self.startup_seconds = time.perf_counter() - started
-
-    def round(self) -> float:
-        """Run one round; return its wall time (data plane and both merges)."""
-        self.round_number += 1
-        node_ids = list(range(1, self.num_clients + 1))
-        started = time.perf_counter()
-        tokens = self.server.open_round(self.round_number, node_ids)
-        for node_id, pipe in zip(node_ids, self.pipes, strict=True):
-            pipe.send(
-                (
-                    self.server.address,
-                    node_id,
-                    self.round_number,
-                    tokens[node_id],
-                    self.client_state,
-                    self.compression,
-                )
-            )
-        replies = [pipe.recv() for pipe in self.pipes]
-        stats = self.server.close_round()
-        weights = [reply[1] for reply in replies]
-        self.client_state = _average([reply[0] for reply in replies], weights)
-        trainer = self.server.trainer
-        copies = trainer.client_copies(node_ids)
-        if copies:
-            trainer.load_merged(_average([copies[n].state_dict() for n in node_ids], weights))
-        seconds = time.perf_counter() - started
-        self.last_bytes = stats.data_plane_bytes
-        self.last_examples = sum(weights)
-        self.last_steps = sum(reply[2] for reply in replies)
-        self.client_step_seconds = [reply[3] / max(reply[2], 1) for reply in replies]
-        return seconds
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            pipe.send(None)
-        for process in self.processes:
-            process.join(timeout=10)
-        self.server.stop(grace=None)
-
-
-@dataclass
-class OverheadResult:
-    workload: str
-    variant: str
-    samples: int
-    startup_seconds: float
-    first_round_seconds: float
-    split_seconds: float
-    unsplit_seconds: dict[int, float]
-    ratio: float
-    bytes_per_sample: float
-    data_plane_step_ms: float
-
-
-def measure_overhead(
-    workload: Workload,
-    *,
-    variant: str,
-    samples: int,
-    num_clients: int,
-    repeats: int,
-    server_threads: int | None = None,
-    compression: str = "none",
-) -> OverheadResult:
-    """Median ratio of a steady SplitFed round to unsplit training on the same samples."""
-    data = [
-        batch
-        for client in range(num_clients)
-        for batch in batches(
-            *synthetic_partition(workload, client=client, samples=samples), workload.batch_size
-        )
-    ]
-    run = SplitRun(
-        workload=workload,
-        variant=variant,
-        samples=samples,
-        num_clients=num_clients,
-        compression=compression,
-        server_threads=server_threads,
-    )
-    try:
-        first = run.round()  # connections, allocator and caches warm up
-        split_times, unsplit_times, ratios = [], {1: [], 2: []}, []
-        for _ in range(repeats):
-            split_times.append(run.round())
-            for threads in (1, 2):
-                unsplit_times[threads].append(
-                    train_unsplit(workload.build(), data, threads=threads)
-                )
-            best = min(unsplit_times[1][-1], unsplit_times[2][-1])
-            ratios.append(split_times[-1] / best)
-        return OverheadResult(
-            workload=workload.name,
-            variant=variant,
-            samples=run.last_examples,
-            startup_seconds=run.startup_seconds,
-            first_round_seconds=first,
-            split_seconds=statistics.median(split_times),
-            unsplit_seconds={t: statistics.median(v) for t, v in unsplit_times.items()},
-            ratio=statistics.median(ratios),
-            bytes_per_sample=run.last_bytes / run.last_examples,
-            data_plane_step_ms=1e3 * statistics.median(run.client_step_seconds),
-        )
-    finally:
-        run.close()
-
-
-# -- one Flower message per batch -----------------------------------------------------------------
-
-
-def data_plane_step_seconds(workload: Workload, *, steps: int) -> float:
-    """Median seconds per step of one client training through the split server (client here)."""
-    run = SplitRun(
-        workload=workload, variant="v1", samples=steps * workload.batch_size, num_clients=1
-    )
-    try:
-        run.round()
-        return statistics.median(run.round() / run.last_steps for _ in range(3))
-    finally:
-        run.close()
-
-
-def flower_message_step_seconds(workload: Workload, *, steps: int) -> float:
-    """Median seconds per step when every batch is a Flower message round trip (simulation).
-
-    Runs in a child process: Flower's simulation engine starts Ray, which is best left behind
-    in a process of its own.
-    """
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_flower_per_message, args=(child, workload.name, steps))
-    process.start()
-    result = parent.recv()
-    process.join(timeout=60)
-    if isinstance(result, str):
-        raise RuntimeError(f"the per-message Flower run failed: {result}")
-    return result
-
-
-def _flower_per_message(conn: Connection, workload_name: str, steps: int) -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import logging  # noqa: PLC0415
-
-    from flwr.app import Array, ArrayRecord, Message, RecordDict  # noqa: PLC0415
-    from flwr.serverapp import ServerApp  # noqa: PLC0415
-    from flwr.simulation import run_simulation  # noqa: PLC0415
-
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    workload = WORKLOADS[workload_name]
-    times: list[float] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context) -> None:  # noqa: ANN001
-        split = workload.split()
-        trainer = make_trainer("v2", server_half=split.server_half, optimizer=OPTIMIZER)
-        node = next(iter(grid.get_node_ids()))
-        trainer.begin_round([node])
-        gradient: dict[str, Array] = {}
-        for _ in range(steps + 2):
-            started = time.perf_counter()
-            message = Message(
-                RecordDict({"gradient": ArrayRecord(gradient)}),
-                dst_node_id=node,
-                message_type="train",
-            )
-            (reply,) = grid.send_and_receive([message])
-            batch = reply.content.array_records["batch"]
-            result = trainer.step(
-                node,
-                torch.from_numpy(batch["activations"].numpy()),
-                torch.from_numpy(batch["labels"].numpy()),
-            )
-            gradient = {"gradient": Array(result.cut_gradient.numpy())}
-            times.append(time.perf_counter() - started)
-        trainer.close()
-
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=per_message_client_app(workload_name),
-            num_supernodes=1,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": 2, "logging_level": "ERROR", "log_to_driver": False},
-            },
-        )
-        conn.send(statistics.median(times[2:]) if len(times) > 2 else "no steps ran")
-    except Exception as err:  # noqa: BLE001 - reported to the parent
-        conn.send(repr(err))
-
-
-# -- bytes and client cost ------------------------------------------------------------------------
-
-
-def frame_bytes(split: SplitModel, batch_size: int, compression: str) -> int:
-    """Wire bytes of one batch up and its gradient down, as the split server counts them."""
-    activations = torch.randn(batch_size, *split.activation_shape)
-    labels = torch.randint(0, 10, (batch_size,))
-    up = Frame(FrameKind.FORWARD, 1, tensors={"activations": activations, "labels": labels})
-    down = Frame(
-        FrameKind.BACKWARD,
-        1,
-        tensors={"gradient": activations},
-        scalars={"loss": 2.302585, "correct": 3},
-    )
-    return sum(len(encode_frame(f, compression=compression)) for f in (up, down))
-
-
-def state_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-@dataclass
-class Cost:
-    parameters: int
-    flops_per_sample: float
-    training_memory_bytes: int
-
-
-def training_cost(module: nn.Module, inputs: torch.Tensor, *, output_grad: bool) -> Cost:
-    """Parameters, forward+backward FLOPs per sample, and training memory of one step.
-
-    Training memory: parameters, their gradients and SGD momentum, plus every tensor autograd
-    saves for the backward pass (counted once per storage).
-    """
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-
-    module = copy.deepcopy(module).train()
-    parameters = sum(p.numel() for p in module.parameters())
-    with FlopCounterMode(display=False) as counter:
-        out = module(inputs)
-        loss = (
-            out.square().mean()
-            if output_grad
-            else nn.functional.cross_entropy(out, torch.zeros(len(inputs), dtype=torch.long))
-        )
-        loss.backward()
-    flops = counter.get_total_flops() / len(inputs)
-
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(inputs)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    return Cost(parameters, flops, 3 * param_bytes + sum(saved.values()))
-
-
-# -- the split server's scaling -------------------------------------------------------------------
-
-
-def measure_scaling(
-    workload: Workload,
-    *,
-    clients: Sequence[int],
-    steps: int,
-    server_threads: int | None = None,
-) -> dict[int, float]:
-    """SFLV1 server throughput (batches/s) for each number of concurrent sending clients."""
-    from .load import stream_batches  # noqa: PLC0415
-
-    split = workload.split()
-    activations = torch.randn(workload.batch_size, *split.activation_shape)
-    labels = torch.randint(0, 10, (workload.batch_size,))
-    template = encode_frame(
-        Frame(FrameKind.FORWARD, 0, tensors={"activations": activations, "labels": labels})
-    )
-    import json  # noqa: PLC0415
-    import struct  # noqa: PLC0415
-
-    (length,) = struct.unpack_from("<I", template)
-    header = json.loads(template[4 : 4 + length])
-    del header["step"]
-    payload = template[4 + length :]
-    trainer = make_trainer("v1", server_half=split.server_half, optimizer=OPTIMIZER)
-    server = SplitServer(
-        trainer=trainer,
-        activation_shape=split.activation_shape,
-        activation_dtype=split.activation_dtype,
-        insecure=True,
-        intra_op_threads=server_threads,
-    )
-    server.start()
-    ctx = mp.get_context("spawn")  # the load generators do not need torch
-    throughput = {}
-    try:
-        for round_number, n in enumerate(clients, start=1):
-            node_ids = list(range(1, n + 1))
-            tokens = server.open_round(round_number, node_ids)
-            pipes, processes = [], []
-            for node_id in node_ids:
-                parent, child = ctx.Pipe()
-                metadata = (
-                    (METADATA_NODE, str(node_id)),
-                    (METADATA_ROUND, str(round_number)),
-                    (METADATA_TOKEN, tokens[node_id]),
-                )
-                process = ctx.Process(
-                    target=stream_batches,
-                    args=(child,),
-                    kwargs={
-                        "address": server.address,
-                        "method": STREAM_METHOD,
-                        "metadata": metadata,
-                        "header": header,
-                        "payload": payload,
-                        "steps": steps,
-                    },
-                    daemon=True,
-                )
-                process.start()
-                pipes.append(parent)
-                processes.append(process)
-            for pipe in pipes:
-                pipe.recv()
-            for pipe in pipes:
-                pipe.send("go")
-            results = [pipe.recv() for pipe in pipes]
-            for process in processes:
-                process.join(timeout=10)
-            server.close_round()
-            started = min(r[0] for r in results)
-            ended = max(r[1] for r in results)
-            throughput[n] = sum(r[2] for r in results) / (ended - started)
-    finally:
-        server.stop(grace=None)
-    return throughput
-
-
-# -- the command ----------------------------------------------------------------------------------
+SECTIONS = ("step", "overhead", "messages", "rounds", "bytes", "cost", "scaling")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -489,118 +60,202 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, no GPU"
-        if not torch.cuda.is_available()
-        else "CUDA"
-    )
+class Report:
+    """Markdown for the console and ``results.md``; figures for ``results.json``."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self.out = out
+        self.lines: list[str] = []
+        self.figures: dict[str, Any] = {}
+
+    def say(self, text: str = "") -> None:
+        self.out(text)
+        self.lines.append(text)
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.say(f"\n{title}\n")
+        self.say(_table(headers, rows))
 
 
 def _app_server_threads(variant: str) -> int:
-    """Torch threads of the split server as the app sets them (see simulation/server_app.py)."""
+    """Torch threads of the split server as the app sets them (see simulation/app)."""
     return 1 if variant == "v1" else os.cpu_count() or 1
 
 
-def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m simulation.benchmark", description=__doc__.split("\n\n")[0]
+def run_step(report: Report, *, quick: bool, repeats: int) -> None:
+    steps = 40 if quick else 400
+    result = measure_step(WORKLOADS["W1"], steps=steps, repeats=repeats)
+    report.figures["step"] = {
+        "split": result.split.as_dict(),
+        "unsplit": result.unsplit.as_dict(),
+        "added": result.added,
+    }
+    report.table(
+        f"Data-plane step: W1 (LeNet-5 cut after its first block, batch 32), one client, "
+        f"{steps} steps a repeat; ms per step, min (median, spread)",
+        ["through the split server", "unsplit, same process", "added by the data plane", "load"],
+        [
+            [
+                result.split.show(1e3, 3),
+                result.unsplit.show(1e3, 3),
+                f"**{1e3 * result.added:.3f}**"
+                + (" noisy" if result.split.noisy or result.unsplit.noisy else ""),
+                f"{max(result.split.load, result.unsplit.load):.2f}",
+            ]
+        ],
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="scale down (fewer samples and clients) for a smoke test",
-    )
-    parser.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=list(WORKLOADS))
-    parser.add_argument("--variants", nargs="+", default=["v1", "v2"], choices=["v1", "v2"])
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="repetitions per ratio (default: 5, 1 with --quick)",
-    )
-    parser.add_argument(
-        "--flower-steps",
-        type=int,
-        default=None,
-        help="batches driven by Flower messages (default: 30; 0, skipped, with --quick: "
-        "Ray's start-up alone outlasts a smoke test)",
-    )
-    parser.add_argument(
-        "--scaling",
-        action="store_true",
-        help="also measure the SFLV1 split server with 1-16 concurrent clients",
-    )
-    parser.add_argument(
-        "--scaling-steps",
-        type=int,
-        default=200,
-        help="batches each client sends in the scaling test",
-    )
-    parser.add_argument(
-        "--server-threads",
-        type=int,
-        default=None,
-        help="torch threads for the server half (default: the trainer's)",
-    )
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 5)
-    flower_steps = args.flower_steps if args.flower_steps is not None else (0 if args.quick else 30)
 
-    out(f"Machine: {_machine()}")
-    shown = " ".join(argv if argv is not None else sys.argv[1:])
-    out(f"Command: python -m simulation.benchmark {shown}".rstrip())
-    out("Clients: one process each, one torch thread, over gRPC on loopback.\n")
 
-    # The overhead table prints row by row: the full run takes a while.
-    overhead_headers = [
-        "workload",
-        "clients x samples",
-        "split round s",
-        "unsplit s (1 / 2 threads)",
-        "ratio",
-        "limit (1/cores)",
-        "start-up s (+ first round)",
-    ]
-    out("Overhead vs the limit: steady SplitFed round / unsplit training, same samples")
-    for line in _table(overhead_headers, []).splitlines():
-        out(line)
-    byte_rows, cost_rows = [], []
-    for name in args.workloads:
+def run_overhead(
+    report: Report, *, quick: bool, repeats: int, workloads: Sequence[str], variants: Sequence[str]
+) -> None:
+    cores = os.cpu_count() or 1
+    rows = []
+    report.figures["overhead"] = []
+    for name in workloads:
         workload = WORKLOADS[name]
-        samples = workload.quick_samples_per_client if args.quick else workload.samples_per_client
-        num_clients = min(workload.num_clients, 4) if args.quick else workload.num_clients
-        for variant in args.variants:
+        samples = workload.quick_samples_per_client if quick else workload.samples_per_client
+        clients = min(workload.num_clients, 4) if quick else workload.num_clients
+        for variant in variants:
             result = measure_overhead(
                 workload,
                 variant=variant,
                 samples=samples,
-                num_clients=num_clients,
+                num_clients=clients,
                 repeats=repeats,
-                server_threads=args.server_threads or _app_server_threads(variant),
+                server_threads=_app_server_threads(variant),
             )
-            row = [
-                f"{name} SFL{variant.upper()}",
-                f"{num_clients} x {samples:,}",
-                f"{result.split_seconds:.2f}",
-                f"{result.unsplit_seconds[1]:.2f} / {result.unsplit_seconds[2]:.2f}",
-                f"**{result.ratio:.2f}**",
-                f"{1 / os.cpu_count():.2f}",
-                f"{result.startup_seconds:.2f} + {result.first_round_seconds:.2f}",
-            ]
-            out(_table(overhead_headers, [row]).splitlines()[-1])
+            report.figures["overhead"].append(
+                {
+                    "workload": name,
+                    "variant": variant,
+                    "clients": clients,
+                    "samples": samples,
+                    "split": result.split.as_dict(),
+                    "unsplit": {t: r.as_dict() for t, r in result.unsplit.items()},
+                    "ratio": result.ratio,
+                    "noisy": result.noisy,
+                }
+            )
+            rows.append(
+                [
+                    f"{name} SFL{variant.upper()}",
+                    f"{clients} x {samples:,}",
+                    result.split.show(),
+                    result.unsplit[1].show(),
+                    result.unsplit[max(result.unsplit)].show(),
+                    f"**{result.ratio:.2f}**" + (" noisy" if result.noisy else ""),
+                    f"{1 / cores:.2f}",
+                    f"{max(result.split.load, *(r.load for r in result.unsplit.values())):.2f}",
+                ]
+            )
+            report.out(f"  measured {name} SFL{variant.upper()}")
+    report.table(
+        "Parallel clients: steady SplitFed round / unsplit training of the same samples, seconds "
+        "min (median, spread)",
+        [
+            "workload",
+            "clients x samples",
+            "split round",
+            "unsplit, 1 thread",
+            f"unsplit, {cores} threads",
+            "ratio",
+            "limit",
+            "load",
+        ],
+        rows,
+    )
+
+
+def run_messages(report: Report, *, repeats: int) -> None:
+    plane, flower = message_per_batch(WORKLOADS["W1"], steps=30, repeats=repeats)
+    ratio = flower.min / plane.min
+    report.figures["messages"] = {"data_plane": plane.as_dict(), "flower": flower.as_dict()}
+    report.table(
+        "One Flower message per batch (simulation engine) vs the data plane, W1, one client; "
+        "ms per step, min (median, spread)",
+        ["path", "ms per step", "ratio"],
+        [
+            ["data plane (gRPC stream)", plane.show(1e3, 2), "1"],
+            [
+                "Flower send_and_receive per batch",
+                flower.show(1e3, 1),
+                f"**{ratio:.0f}**" + (" noisy" if plane.noisy or flower.noisy else ""),
+            ],
+        ],
+    )
+
+
+def run_rounds(report: Report, *, quick: bool, out_dir: Path | None) -> None:
+    from .rounds import app_rounds, sequential_rounds  # noqa: PLC0415
+
+    counts = [2, 4] if quick else [2, 5, 10, 20]
+    rounds = 3 if quick else 6
+    series: dict[str, dict[int, Repeated]] = {}
+    for clients in counts:
+        at_once = min(clients, 4)
+        for variant in ("v1", "v2", "fedavg"):
+            label = {"v1": "SFLV1", "v2": "SFLV2", "fedavg": "FedAvg (unsplit)"}[variant]
+            series.setdefault(label, {})[clients] = app_rounds(
+                variant, num_clients=clients, rounds=rounds, clients_at_once=at_once
+            )
+        for variant in ("v1", "v2"):
+            label = f"SFL{variant.upper()} in one process, clients in turn"
+            series.setdefault(label, {})[clients] = sequential_rounds(
+                variant, num_clients=clients, rounds=rounds
+            )
+        report.out(f"  measured rounds with {clients} clients")
+    report.figures["rounds"] = {
+        label: {n: r.as_dict() for n, r in values.items()} for label, values in series.items()
+    }
+    report.table(
+        "The app's round (digits, 2 local epochs, batch 16, up to 4 ClientApps at once) under "
+        f"flwr run, against the same rounds in one process and FedAvg; seconds per steady "
+        f"round, min (median, spread) of {rounds - 1} rounds",
+        ["clients", *series],
+        [[n, *(series[label][n].show() for label in series)] for n in counts],
+    )
+    if out_dir is not None:
+        _plot_rounds(series, out_dir / "round_time.png")
+        report.say(f"\nRound time against clients: {out_dir / 'round_time.png'}")
+
+
+def _plot_rounds(series: dict[str, dict[int, Repeated]], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for label, values in series.items():
+        counts = sorted(values)
+        axis.plot(
+            counts,
+            [values[n].min for n in counts],
+            marker="o",
+            linestyle="--" if "one process" in label else "-",
+            label=label,
+        )
+    axis.set_xlabel("clients")
+    axis.set_ylabel("seconds per steady round (min of repeats)")
+    axis.set_title("A round of the digits app")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_bytes_and_cost(report: Report, *, sections: set[str], workloads: Sequence[str]) -> None:
+    byte_rows, cost_rows = [], []
+    for name in workloads:
+        workload = WORKLOADS[name]
         split = workload.split()
         full = split.full_model()
-        sync = 2 * state_bytes(split.client_half) * num_clients
-        fedavg = 2 * state_bytes(full) * num_clients
-        total = samples * num_clients
+        clients, samples = workload.num_clients, workload.samples_per_client
+        sync = 2 * state_bytes(split.client_half) * clients
+        fedavg = 2 * state_bytes(full) * clients
+        total = samples * clients
         for compression in COMPRESSIONS:
             per_batch = frame_bytes(split, workload.batch_size, compression)
             byte_rows.append(
@@ -628,28 +283,9 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
                 f"{client_cost.flops_per_sample / full_cost.flops_per_sample:.1%}",
             ]
         )
-
-    if flower_steps > 0:
-        workload = WORKLOADS["W1"]
-        plane = data_plane_step_seconds(workload, steps=max(flower_steps, 20))
-        flower = flower_message_step_seconds(workload, steps=flower_steps)
-        out("\nOne Flower message per batch (simulation engine) vs the data plane, W1, 1 client")
-        out(
-            _table(
-                ["path", "ms per step", "ratio"],
-                [
-                    ["data plane (gRPC stream)", f"{plane * 1e3:.2f}", "1"],
-                    [
-                        "Flower send_and_receive per batch",
-                        f"{flower * 1e3:.1f}",
-                        f"**{flower / plane:.0f}**",
-                    ],
-                ],
-            )
-        )
-    out("\nBytes per sample: data plane (up + down, per compression) and model sync, per round")
-    out(
-        _table(
+    if "bytes" in sections:
+        report.table(
+            "Bytes per sample: data plane (up + down, per compression) and model sync, per round",
             [
                 "workload",
                 "compression",
@@ -661,10 +297,9 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
             ],
             byte_rows,
         )
-    )
-    out("\nClient cost: client half / full model (training, batch of one workload batch)")
-    out(
-        _table(
+    if "cost" in sections:
+        report.table(
+            "Client cost: client half / full model (training, one batch)",
             [
                 "workload",
                 "parameters",
@@ -674,40 +309,97 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
             ],
             cost_rows,
         )
+
+
+def run_scaling(report: Report, *, quick: bool) -> None:
+    workload = WORKLOADS["W1"]
+    clients = [1, 2, 4] if quick else [1, 2, 4, 8, 16]
+    steps = 20 if quick else 200
+    cores = os.cpu_count() or 1
+    curves = {
+        threads: measure_scaling(workload, clients=clients, steps=steps, server_threads=threads)
+        for threads in sorted({cores, 1}, reverse=True)
+    }
+    report.figures["scaling"] = curves
+    headers = ["clients"]
+    for threads in curves:
+        headers += [f"{threads} torch thread(s): batches/s", "x 1 client"]
+    report.table(
+        "SFLV1 split server throughput (W1 batches/s), clients that only send",
+        headers,
+        [
+            [n]
+            + [
+                part
+                for curve in curves.values()
+                for part in (f"{curve[n]:,.0f}", f"{curve[n] / curve[clients[0]]:.2f}")
+            ]
+            for n in clients
+        ],
     )
-    if args.scaling:
-        workload = WORKLOADS["W1"]
-        clients = [1, 2, 4] if args.quick else [1, 2, 4, 8, 16]
-        steps = 20 if args.quick else args.scaling_steps
-        cores = os.cpu_count() or 1
-        curves = {
-            threads: measure_scaling(workload, clients=clients, steps=steps, server_threads=threads)
-            for threads in (cores, 1)
-        }
-        out("\nSFLV1 split server throughput (W1 batches/s), clients that only send")
-        out(
-            _table(
-                [
-                    "clients",
-                    f"{cores} torch threads (torch's default)",
-                    "x 1 client",
-                    "1 torch thread (the app's SFLV1 setting)",
-                    "x 1 client",
-                ],
-                [
-                    [n]
-                    + [
-                        part
-                        for threads in (cores, 1)
-                        for part in (
-                            f"{curves[threads][n]:,.0f}",
-                            f"{curves[threads][n] / curves[threads][clients[0]]:.2f}",
-                        )
-                    ]
-                    for n in clients
-                ],
-            )
+
+
+def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulation.benchmark", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run, for a smoke test")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=None,
+        help=f"sections to run (default: all but scaling; with --quick: step, overhead, bytes, "
+        f"cost); one of {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W2"], choices=list(WORKLOADS))
+    parser.add_argument("--variants", nargs="+", default=["v1", "v2"], choices=["v1", "v2"])
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="repetitions of each figure (default: 5; 2 quick)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write results.md, results.json and round_time.png here (e.g. docs/benchmark)",
+    )
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    default = ["step", "overhead", "bytes", "cost"] if args.quick else list(SECTIONS[:-1])
+    sections = set(args.only or default)
+
+    report = Report(out)
+    report.say(f"Machine: {machine()}")
+    shown = " ".join(argv if argv is not None else sys.argv[1:])
+    report.say(f"Command: `python -m simulation.benchmark {shown}`".replace(" `", " `", 1))
+    report.say(
+        f"Figures: min (median, spread of {repeats} repeats); 'noisy' marks a spread above "
+        f"{100 * NOISE_BOUND:.0f}%."
+    )
+    if "step" in sections:
+        run_step(report, quick=args.quick, repeats=repeats)
+    if "overhead" in sections:
+        run_overhead(
+            report,
+            quick=args.quick,
+            repeats=repeats,
+            workloads=args.workloads,
+            variants=args.variants,
         )
+    if "messages" in sections:
+        run_messages(report, repeats=min(repeats, 3))
+    if "rounds" in sections:
+        run_rounds(report, quick=args.quick, out_dir=args.out)
+    if sections & {"bytes", "cost"}:
+        run_bytes_and_cost(report, sections=sections, workloads=args.workloads)
+    if "scaling" in sections:
+        run_scaling(report, quick=args.quick)
+    report.say(f"\nMachine at the end: {machine()}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text("\n".join(report.lines) + "\n")
+        (args.out / "results.json").write_text(json.dumps(report.figures, indent=2, default=str))
+        out(f"\nWrote {args.out / 'results.md'} and {args.out / 'results.json'}")
     return 0
 
 

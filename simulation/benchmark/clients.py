@@ -4,6 +4,7 @@ only this."""
 
 from __future__ import annotations
 
+import time
 from multiprocessing.connection import Connection
 
 import torch
@@ -13,7 +14,7 @@ from splitfed import GrpcDataPlane, OptimizerConfig, run_local_epochs
 
 from .models import WORKLOADS, batches, synthetic_partition
 
-__all__ = ["OPTIMIZER", "client_process", "per_message_client_app"]
+__all__ = ["OPTIMIZER", "client_process", "per_message_client_app", "unsplit_seconds"]
 
 OPTIMIZER = OptimizerConfig(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -22,7 +23,8 @@ def client_process(
     conn: Connection, workload_name: str, client: int, samples: int, quick: bool
 ) -> None:
     """One client: waits for a round's ticket, trains its client half through the split server,
-    sends the client half back. Ends on ``None``."""
+    sends the client half back; on ``"unsplit"``, times one pass of the unsplit model over the
+    same data in this process, for the same client's baseline. Ends on ``None``."""
     torch.set_num_threads(1)
     workload = WORKLOADS[workload_name]
     split = workload.split()
@@ -31,6 +33,9 @@ def client_process(
     data = batches(inputs, labels, workload.batch_size)
     conn.send("ready")
     while (ticket := conn.recv()) is not None:
+        if ticket == "unsplit":
+            conn.send(unsplit_seconds(workload.build(), data))
+            continue
         address, node_id, server_round, token, state, compression = ticket
         client_half.load_state_dict(state)
         optimizer = OPTIMIZER.build(client_half.parameters())
@@ -45,6 +50,19 @@ def client_process(
                 split=split, data_plane=plane, train_loader=data, optimizer=optimizer
             )
         conn.send((client_half.state_dict(), stats.num_examples, stats.steps, stats.seconds))
+
+
+def unsplit_seconds(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Seconds to train ``model`` one pass over ``data`` with this process's torch threads."""
+    optimizer = OPTIMIZER.build(model.parameters())
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    started = time.perf_counter()
+    for inputs, labels in data:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), labels).backward()
+        optimizer.step()
+    return time.perf_counter() - started
 
 
 _PENDING: dict[int, tuple[torch.Tensor, torch.optim.Optimizer, nn.Module, int]] = {}
