@@ -669,28 +669,30 @@ def send_and_receive(
     *,
     timeout: float,
     first_pause: float = 0.005,
-    longest_pause: float = 0.2,
+    longest_pause: float = 0.1,
 ) -> list[Message]:
     """Push ``messages`` and pull their replies until all came or ``timeout`` seconds passed.
 
     Flower's ``Grid.send_and_receive`` waits a fixed pause between pulls (3 s on the deployment
     engine, 0.1 s in simulation), which a SplitFed round pays twice (training, evaluation). Here
-    the pause starts at ``first_pause`` and grows by half each pull up to ``longest_pause``: a
-    reply is seen soon after it arrives, and a long round costs the SuperLink a few pulls a
-    second. Uses only the grid's public ``push_messages`` and ``pull_messages``.
+    the pause starts at ``first_pause`` and grows by half each pull up to ``longest_pause``, and
+    starts again from ``first_pause`` after a pull that brought replies (the clients of a round
+    tend to finish together): a reply is seen soon after it arrives, and a long round costs the
+    SuperLink ten pulls a second at most. Uses only the grid's public ``push_messages`` and
+    ``pull_messages``.
     """
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    pause = first_pause
+    pause = first_pause / 1.5
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies.extend(pulled)
         pending.difference_update(msg.metadata.reply_to_message_id for msg in pulled)
+        pause = first_pause if pulled else min(1.5 * pause, longest_pause)
         if not pending or time.monotonic() + pause > deadline:
             break
         time.sleep(pause)
-        pause = min(1.5 * pause, longest_pause)
     return replies
 
 

@@ -3,8 +3,11 @@ stops with that reason instead of completing without learning."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import textwrap
+import time
+from types import SimpleNamespace
 
 import pytest
 from flwr.app import Error, Message, MetricRecord, RecordDict
@@ -12,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from splitfed import SplitFedRunError
 from splitfed.strategies.failures import NO_REPLY, FailureLog
+from splitfed.strategies.splitfed import send_and_receive
 from tests.conftest import assert_none_left, marked_environment
 
 
@@ -162,3 +166,46 @@ def test_a_run_whose_clients_all_fail_stops_with_the_reason_and_fails(tmp_path):
     assert log.count("Traceback (most recent call last)") <= 3, log[-3000:]
     assert log.count("failed again: CutError") >= 4
     assert len(log.splitlines()) < 200, len(log.splitlines())
+
+
+class _ScriptedGrid:
+    """Replies become visible at set times after the push (a stand-in for a SuperLink)."""
+
+    def __init__(self, arrival_seconds: list[float]) -> None:
+        self.arrival_seconds = arrival_seconds
+        self.pull_times: list[float] = []
+
+    def push_messages(self, messages):
+        self.start = time.monotonic()
+        self.ids = [str(i) for i, _ in enumerate(messages)]
+        return self.ids
+
+    def pull_messages(self, pending):
+        now = time.monotonic() - self.start
+        self.pull_times.append(now)
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+            for i, at in zip(self.ids, self.arrival_seconds, strict=True)
+            if i in pending and at <= now
+        ]
+
+
+def test_replies_are_pulled_soon_after_they_arrive_and_the_pause_is_bounded():
+    grid = _ScriptedGrid([0.5, 0.52, 0.8])
+    replies = send_and_receive(grid, [object()] * 3, timeout=10)
+    assert len(replies) == 3
+    # The last reply is seen within the longest pause (0.1 s) of its arrival, not a fixed 3 s.
+    assert grid.pull_times[-1] < 0.8 + 0.1 + 0.05
+    gaps = [b - a for a, b in itertools.pairwise(grid.pull_times)]
+    assert max(gaps) < 0.1 + 0.05
+    # After a pull that brought a reply the pause starts again from 5 ms.
+    first_hit = next(i for i, t in enumerate(grid.pull_times) if t >= 0.5)
+    assert gaps[first_hit] < 0.05
+
+
+def test_pulling_stops_at_the_timeout_with_the_replies_so_far():
+    grid = _ScriptedGrid([0.0, 60.0])
+    started = time.monotonic()
+    replies = send_and_receive(grid, [object()] * 2, timeout=0.3)
+    assert len(replies) == 1
+    assert time.monotonic() - started < 0.3 + 0.15
