@@ -151,13 +151,8 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
     assert "resuming after round" in resumed.log
     assert sorted(resumed.metrics) == [1, 2, 3], format_table(resumed.metrics)
 
-    uninterrupted = launch(run_config=overrides, num_supernodes=3, output_dir=tmp_path / "whole")
-    assert uninterrupted.completed, uninterrupted.failure_report()
-    models = {
-        name: torch.load(result.output_dir / "model.pt", weights_only=True)
-        for name, result in (("resumed", resumed), ("uninterrupted", uninterrupted))
-    }
-    assert models["uninterrupted"].keys() == models["resumed"].keys() == expected.keys()
-    for key, value in models["uninterrupted"].items():
-        torch.testing.assert_close(models["resumed"][key], value, rtol=0, atol=tolerance, msg=key)
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=tolerance, msg=key)
+    # The uninterrupted result is what the math says an uninterrupted SFLV1 run gives.
+    resumed_model = torch.load(resumed.output_dir / "model.pt", weights_only=True)
+    assert resumed_model.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(resumed_model[key], value, rtol=0, atol=tolerance, msg=key)
