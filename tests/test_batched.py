@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -236,7 +237,8 @@ def test_batch_norm_with_a_cumulative_average_falls_back_to_unbatched(caplog):
     nodes = [0, 1, 2]
     data = {n: batches(n, 3, 8) for n in nodes}
     batched, reference = trainers(server_half(batch_norm=True, momentum=None), nodes, max_wait=5.0)
-    got = train_concurrently(batched, data)
+    with caplog.at_level(logging.WARNING, logger="flwr_splitfed"):
+        got = train_concurrently(batched, data)
     expected = train_one_by_one(reference, data)
     assert batched.batching_off is not None
     assert (batched.batched_calls, batched.unbatched_steps) == (0, 9)

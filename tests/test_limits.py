@@ -4,6 +4,7 @@ batch that waits too long, one stream per node and round, credentials of any cha
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import grpc
@@ -186,6 +187,7 @@ def test_refusals_beyond_twenty_a_round_are_counted_not_logged_one_by_one(caplog
     split = small_split()
     server = serving(split)
     tokens = server.open_round(1, [1])
+    caplog.set_level(logging.WARNING, logger="flwr_splitfed")
     try:
         with stream(server, 1, tokens[1]) as plane:
             for _ in range(40):

@@ -65,7 +65,7 @@ def test_the_wheel_requires_neither_ray_nor_the_apps_data_libraries(wheel):
     assert not any("simulation" in r for r in required)
 
 
-def test_importing_the_library_loads_no_app_dependency():
+def test_importing_the_library_loads_no_app_dependency(tmp_path):
     code = (
         "import sys, splitfed\n"
         "heavy = ['ray', 'sklearn', 'flwr_datasets', 'datasets', 'matplotlib', 'opacus', "
@@ -73,7 +73,7 @@ def test_importing_the_library_loads_no_app_dependency():
         "print([m for m in heavy if m in sys.modules])\n"
     )
     shown = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert shown.stdout.strip() == "[]"
 
@@ -86,14 +86,15 @@ def test_everything_public_is_importable_from_the_root():
     )
 
 
-def test_only_the_library_is_importable_from_an_editable_install():
+def test_only_the_library_is_importable_from_an_editable_install(tmp_path):
     # The repository is not on sys.path outside it: `tests` and `simulation` are not importable.
+    # -I: only the install decides (no PYTHONPATH, no current directory on sys.path).
     code = (
         "import importlib.util as u\n"
         "print([u.find_spec(m) is None for m in ('tests', 'simulation')])\n"
     )
     shown = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+        [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert shown.stdout.strip() == "[True, True]"
 
