@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .processes import die_with_parent
+from .processes import with_parent
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,13 +150,12 @@ def flwr_run(
     """Run ``flwr run ARGS...``, collect its output in ``lines``, and return how the run ended:
     ``(status, details, run_id)``. The run is stopped after ``timeout`` seconds."""
     flwr_run = subprocess.Popen(
-        [str(Path(sys.executable).parent / "flwr"), "run", *args],
+        with_parent([str(Path(sys.executable).parent / "flwr"), "run", *args]),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        preexec_fn=die_with_parent,
     )
     run_id = None
     timed_out = threading.Event()

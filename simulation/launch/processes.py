@@ -7,6 +7,11 @@ simulation.launch.processes CMD...``) that makes itself a child subreaper, so ev
 tree lands under it, and asks the kernel to signal it when the launcher dies. On SIGTERM, or on the
 launcher's death, the supervisor terminates every descendant, waits, and kills what is left. Linux
 only (``prctl``); elsewhere the supervisor still cleans up what it can see.
+
+Children ask for the signal themselves, after ``exec`` (``python -m simulation.launch.processes
+--exec PID CMD...`` for a command that cannot): a ``preexec_fn`` would make ``subprocess`` fork
+rather than vfork, and in a process with gRPC's poller running, gRPC's fork handlers then crash
+the child before it execs ("epoll_wait error: Bad file descriptor", grpc/grpc#43055).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "spawn_supervised",
     "stop_supervised",
     "supervise",
+    "with_parent",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -41,9 +47,19 @@ def _prctl(option: int, value: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, value)
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for a child that must get SIGTERM when its parent dies, even by SIGKILL."""
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGTERM this process when its parent dies, even by SIGKILL; exit now if
+    the parent, ``parent_pid``, died before the request could be made."""
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:
+        sys.exit(f"the launcher (pid {parent_pid}) ended before this process started")
+
+
+def with_parent(command: list[str]) -> list[str]:
+    """``command`` run so that it gets SIGTERM when this process dies (see the module's
+    docstring for why not through a ``preexec_fn``)."""
+    # The file itself, not the module: it needs only the standard library, whatever the cwd.
+    return [sys.executable, "-I", __file__, "--exec", str(os.getpid()), *command]
 
 
 def free_port() -> int:
@@ -113,14 +129,15 @@ def kill_descendants(pid: int, *, grace: float = 5.0) -> None:
     _reap()
 
 
-def supervise(command: list[str]) -> int:
-    """Run ``command`` and keep its whole process tree under this process until told to stop.
+def supervise(command: list[str], *, parent_pid: int) -> int:
+    """Run ``command`` and keep its whole process tree under this process until told to stop
+    or until ``parent_pid``, the launcher, dies.
 
     Returns the command's exit code (a negative signal number if a signal ended it), or 0
     when it was told to stop.
     """
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    die_with_parent()
+    die_with_parent(parent_pid)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -144,12 +161,11 @@ def spawn_supervised(
     ``log_path``; return the supervisor, which exits with the command's exit code."""
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", __name__, *command],
+            [sys.executable, "-m", __name__, str(os.getpid()), *command],
             cwd=Path(__file__).resolve().parents[2],  # where `simulation` is importable
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
 
 
@@ -164,5 +180,13 @@ def stop_supervised(supervisor: subprocess.Popen[bytes], *, grace: float = 30.0)
         supervisor.wait()
 
 
+def _main(argv: list[str]) -> int:
+    # [--exec] PARENT_PID COMMAND...: exec COMMAND, or supervise it, while PARENT_PID lives.
+    if argv[0] == "--exec":
+        die_with_parent(int(argv[1]))
+        os.execvp(argv[2], argv[2:])
+    return supervise(argv[1:], parent_pid=int(argv[0]))
+
+
 if __name__ == "__main__":
-    sys.exit(supervise(sys.argv[1:]))
+    sys.exit(_main(sys.argv[1:]))
