@@ -13,13 +13,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 from .config import OptimizerConfig, Variant, load_optimizer_state, save_optimizer_state
 from .cut import SplitModel
 from .dataplane import GrpcDataPlane
-from .privacy import PrivacyConfig
+from .privacy import ClientSecret, PrivacyConfig
 from .protocol import DataPlaneTicket, Mode
 from .resources import peak_rss_mb
 from .training import (
@@ -43,6 +44,8 @@ _MAX_LOGGED_REASONS = 64
 STATE_OPTIMIZER_KEY = "splitfed.client-optimizer"
 STATE_CLIENT_HALF_KEY = "splitfed.client-half"
 STATE_PRIVACY_KEY = "splitfed.privacy"
+STATE_CLIENT_HEAD_KEY = "splitfed.client-head"
+"""The client head a client keeps to itself (label-private split, heads kept local)."""
 
 MetricValue = int | float
 
@@ -60,6 +63,8 @@ def train_client_half(
     privacy: PrivacyConfig | None = None,
     batch: Unpack | None = None,
     metrics: Mapping[str, MetricValue] | None = None,
+    secret: ClientSecret | None = None,
+    keep_client_head: bool | None = None,
 ) -> Message:
     """Handle one SplitFed ``train`` message: restore, train through the split server, reply.
 
@@ -107,6 +112,19 @@ def train_client_half(
         :class:`splitfed.BatchSpec`); checked on the first batch.
     metrics : Mapping[str, int | float] | None (default: None)
         Metrics of your own, added to the reply's ``MetricRecord``.
+    secret : ClientSecret | None (default: None)
+        This client's private randomness, which draws the defenses' noise (a stream per round
+        and purpose); ``None``: :meth:`ClientSecret.from_context` (the node config's
+        ``client-secret``, or a secret kept in ``context.state``). Order ``train_loader``'s
+        batches from it too (``secret.seed("shuffle", server_round)``): a batch order the server
+        can derive links every release of an example.
+    keep_client_head : bool | None (default: None)
+        Label-private split: keep the client head on this node and never send it (it is kept in
+        ``context.state`` between rounds, first drawn from ``secret``, and trained on this
+        client's data alone: a personalised head). Whoever aggregates the client heads can run
+        one on the server half's outputs and label the private examples, so this is what keeps
+        the labels from the split server's process. ``None``: keep it when the message carries
+        no client head (``SplitFed(client_heads="local")``), send it back when it carries one.
     """
     try:
         return _train(
@@ -121,6 +139,8 @@ def train_client_half(
             privacy=privacy,
             batch=batch,
             metrics=metrics,
+            secret=secret,
+            keep_client_head=keep_client_head,
         )
     except Exception as err:  # becomes the reply's error, with its reason
         return _error_reply(msg, err)
@@ -139,8 +159,11 @@ def _train(
     privacy: PrivacyConfig | None,
     batch: Unpack | None,
     metrics: Mapping[str, MetricValue] | None,
+    secret: ClientSecret | None,
+    keep_client_head: bool | None,
 ) -> Message:
     ticket = _ticket(msg, split, expected_mode=Mode.TRAIN)
+    secret = secret if secret is not None else ClientSecret.from_context(context)
     local_loss = ticket.variant == Variant.LOCAL_LOSS
     if privacy is not None:
         privacy.validate(
@@ -156,9 +179,10 @@ def _train(
             f"({ticket.max_batch_size} examples, its max_batch_size): use smaller batches"
         )
     arrays = _single_array_record(msg)
+    local_head = _keeps_head(keep_client_head, split, arrays)
     if ticket.resume_local and STATE_CLIENT_HALF_KEY in context.state.array_records:
         arrays = context.state.array_records[STATE_CLIENT_HALF_KEY]
-    split.load_client_state_dict(arrays.to_torch_state_dict())
+    _load_client_parts(split, arrays, context, local_head=local_head, secret=secret)
     torch_optimizer = optimizer.build(split.client_parameters())
     saved = context.state.config_records.get(STATE_OPTIMIZER_KEY)
     if saved is not None and not reset_optimizer:
@@ -167,7 +191,10 @@ def _train(
     with (
         GrpcDataPlane.from_ticket(ticket, node_id=msg.metadata.dst_node_id) as data_plane,
         (privacy or PrivacyConfig()).training(
-            split, torch_optimizer, batch_size=getattr(train_loader, "batch_size", None)
+            split,
+            torch_optimizer,
+            batch_size=getattr(train_loader, "batch_size", None),
+            generator=secret.generator("dp-sgd-noise", ticket.server_round),
         ) as (trained, step_optimizer),
     ):
         stats: TrainStats
@@ -182,6 +209,7 @@ def _train(
                 proximal_mu=ticket.proximal_mu,
                 loss_fn=loss_fn,
                 privacy=privacy,
+                generator=secret.generator("noise", ticket.server_round),
                 batch=batch,
             )
         else:
@@ -194,6 +222,7 @@ def _train(
                 proximal_mu=ticket.proximal_mu,
                 loss_fn=loss_fn,
                 privacy=privacy,
+                generator=secret.generator("noise", ticket.server_round),
                 batch=batch,
             )
 
@@ -207,6 +236,10 @@ def _train(
     for key, value in (metrics or {}).items():
         reply_metrics[key] = value
     updated = ArrayRecord(split.client_state_dict())
+    if local_head:
+        assert split.client_head is not None  # _keeps_head checked it
+        context.state[STATE_CLIENT_HEAD_KEY] = ArrayRecord(split.client_head.state_dict())
+        updated = _without_head(updated, split)
     if not reset_optimizer:
         context.state[STATE_OPTIMIZER_KEY] = ConfigRecord(
             {"state": save_optimizer_state(torch_optimizer)}
@@ -228,6 +261,7 @@ def evaluate_client_half(
     loss_fn: LossFn | None = None,
     batch: Unpack | None = None,
     metrics: Mapping[str, MetricValue] | None = None,
+    keep_client_head: bool | None = None,
 ) -> Message:
     """Handle one SplitFed ``evaluate`` message: evaluate the merged model on local data.
 
@@ -253,10 +287,20 @@ def evaluate_client_half(
         Which entries of a batch are the inputs and which the labels.
     metrics : Mapping[str, int | float] | None (default: None)
         Metrics of your own, added to the reply's ``MetricRecord``.
+    keep_client_head : bool | None (default: None)
+        As for :func:`train_client_half`: evaluate with the client head this node kept (which it
+        needs to have trained once); ``None``: when the message carries no client head.
     """
     try:
         return _evaluate(
-            msg, context, split=split, loader=loader, loss_fn=loss_fn, batch=batch, metrics=metrics
+            msg,
+            context,
+            split=split,
+            loader=loader,
+            loss_fn=loss_fn,
+            batch=batch,
+            metrics=metrics,
+            keep_client_head=keep_client_head,
         )
     except Exception as err:  # becomes the reply's error, with its reason
         return _error_reply(msg, err)
@@ -271,9 +315,12 @@ def _evaluate(
     loss_fn: LossFn | None,
     batch: Unpack | None,
     metrics: Mapping[str, MetricValue] | None,
+    keep_client_head: bool | None,
 ) -> Message:
     ticket = _ticket(msg, split, expected_mode=Mode.EVALUATE)
-    split.load_client_state_dict(_single_array_record(msg).to_torch_state_dict())
+    arrays = _single_array_record(msg)
+    local_head = _keeps_head(keep_client_head, split, arrays)
+    _load_client_parts(split, arrays, context, local_head=local_head, secret=None)
     with GrpcDataPlane.from_ticket(ticket, node_id=msg.metadata.dst_node_id) as data_plane:
         stats = evaluate_locally(
             split=split, data_plane=data_plane, loader=loader, loss_fn=loss_fn, batch=batch
@@ -345,6 +392,80 @@ def _epsilons(
     epochs = local_epochs + (int(seen["epochs"]) if seen is not None else 0)  # type: ignore[arg-type]
     context.state[STATE_PRIVACY_KEY] = ConfigRecord({"epochs": epochs})
     return privacy.epsilons(releases=epochs, dp_steps=epochs)
+
+
+def _keeps_head(keep_client_head: bool | None, split: SplitModel, arrays: ArrayRecord) -> bool:
+    """Whether the client head stays on this node: asked for, or absent from the message."""
+    if split.client_head is None:
+        if keep_client_head:
+            raise ValueError(
+                "keep_client_head=True applies to the label-private split, and this split has "
+                "no client head: cut the model with a server_cut or leave keep_client_head unset"
+            )
+        return False
+    if keep_client_head is None:
+        return not set(split.client_head.state_dict()) & set(arrays)
+    return keep_client_head
+
+
+def _without_head(arrays: ArrayRecord, split: SplitModel) -> ArrayRecord:
+    head_keys = set(split.client_head.state_dict()) if split.client_head is not None else set()
+    return ArrayRecord({key: arrays[key] for key in arrays if key not in head_keys})
+
+
+def _load_client_parts(
+    split: SplitModel,
+    arrays: ArrayRecord,
+    context: Context,
+    *,
+    local_head: bool,
+    secret: ClientSecret | None,
+) -> None:
+    """Load the message's client parts; a head kept on this node comes from ``context.state``
+    (drawn from ``secret`` the first time), never from the message."""
+    if not local_head:
+        split.load_client_state_dict(arrays.to_torch_state_dict())
+        return
+    head = split.client_head
+    assert head is not None  # _keeps_head checked it
+    state = _without_head(arrays, split).to_torch_state_dict()
+    if len(state) < len(arrays):
+        logger.warning(
+            "the message carries a client head; this client keeps its own and ignores it"
+        )
+    kept = context.state.array_records.get(STATE_CLIENT_HEAD_KEY)
+    if kept is not None:
+        state.update(kept.to_torch_state_dict())
+    elif secret is None:
+        raise ValueError(
+            "this client keeps its client head on the node and has not trained one yet, so it "
+            "cannot evaluate: select it for training first (the head is created in its first "
+            "training round)"
+        )
+    else:
+        _initialise_head(head, secret.seed("client-head"))
+        state.update(head.state_dict())
+    split.load_client_state_dict(state)
+
+
+def _initialise_head(head: torch.nn.Module, seed: int) -> None:
+    """Give a client head kept on the node its first weights, drawn from the client's secret:
+    the server, which built the model, does not know them."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for module in head.modules():
+            owned = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if not owned:
+                continue
+            reset = getattr(module, "reset_parameters", None)
+            if not callable(reset):
+                raise ValueError(
+                    f"the client head's {type(module).__name__} has no reset_parameters(), so "
+                    "its first weights cannot be drawn on the client: give it one, or put "
+                    f"initial weights in context.state[{STATE_CLIENT_HEAD_KEY!r}] "
+                    "(an ArrayRecord of the head's state_dict)"
+                )
+            reset()
 
 
 def _single_array_record(msg: Message) -> ArrayRecord:

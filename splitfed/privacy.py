@@ -14,10 +14,17 @@ applied on the client, before anything leaves it:
 - **NoPeek**: a penalty on the bias-corrected distance correlation between inputs and smashed
   data in the client's loss. It lowers the statistic; it is a heuristic, not a guarantee.
 - **label protection** (label-private split): each example's gradient at the server half's output
-  is padded with Gaussian noise up to the batch's largest gradient norm (Li et al. 2022,
-  "max norm"), then isotropic noise of ``multiplier x`` that norm is added. No formal guarantee.
+  is rescaled to the batch's mean gradient norm (so norms no longer tell examples apart; a
+  variant of Li et al. 2022's "max norm", which pads up to the largest norm and made training
+  collapse here), then isotropic noise of ``multiplier x`` that mean norm is added. No formal
+  guarantee.
 - **DP-SGD on the client half** (Opacus): per-example gradient clipping and noise on the client
   half's update, which is what reaches the aggregator.
+
+All of them draw from the client's own randomness, :class:`ClientSecret`: a secret the server
+cannot derive (from the node's config, or created once per client from the operating system and
+kept in its ``Context.state``), which also orders the client's batches. A batch order or a noise
+draw the server can derive links every release of an example and lets it subtract the noise.
 
 :meth:`PrivacyConfig.validate` refuses the settings that would silently give no protection.
 """
@@ -26,17 +33,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .cut import SplitModel
 
+if TYPE_CHECKING:
+    from flwr.app import Context
+
 __all__ = [
+    "ClientSecret",
     "PrivacyConfig",
     "PrivacyConfigError",
     "analytic_gaussian_epsilon",
@@ -57,6 +72,107 @@ SAFE_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew")
 
 class PrivacyConfigError(ValueError):
     """A privacy setting would give less protection than it claims."""
+
+
+NODE_CONFIG_SECRET_KEY = "client-secret"
+"""The SuperNode ``--node-config`` key :meth:`ClientSecret.from_context` reads a secret from."""
+STATE_SECRET_KEY = "splitfed.client-secret"
+"""Where :meth:`ClientSecret.from_context` keeps a secret it created, in ``Context.state``."""
+MIN_SECRET_CHARACTERS = 16
+
+
+@dataclass(frozen=True, repr=False)
+class ClientSecret:
+    """A client's private randomness: what orders its batches and draws its noise.
+
+    Every stream of random numbers is derived from ``key`` and a purpose (``"shuffle"``,
+    ``"noise"``, ...) and round with HMAC-SHA256, so the streams are independent of one
+    another and of anything the server knows. The same key reproduces a client's run exactly;
+    without the key the server cannot reproduce a batch order or a noise draw, even knowing the
+    run config, the round and the client's partition.
+
+    Parameters
+    ----------
+    key : bytes
+        At least 16 bytes of secret; :meth:`from_context` or :meth:`from_value` make one.
+    """
+
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, bytes) or len(self.key) < 16:
+            raise ValueError(
+                "a ClientSecret needs a key of at least 16 bytes: use ClientSecret.generate(), "
+                "ClientSecret.from_value(...) or ClientSecret.from_context(context)"
+            )
+
+    def __repr__(self) -> str:  # never print the key
+        return "ClientSecret(<hidden>)"
+
+    @classmethod
+    def generate(cls) -> ClientSecret:
+        """A fresh secret from the operating system's randomness."""
+        return cls(secrets.token_bytes(32))
+
+    @classmethod
+    def from_value(cls, value: str | bytes | int) -> ClientSecret:
+        """A secret derived from ``value`` (a SuperNode's configured secret, a test's seed).
+
+        Reproducible: the same value gives the same secret. It is exactly as secret as
+        ``value``: a short or guessable value (a small integer, a word) can be found by a server
+        that tries candidates against the batch orders it sees.
+        """
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        return cls(hashlib.sha256(b"splitfed.client-secret\x00" + raw).digest())
+
+    @classmethod
+    def from_context(
+        cls, context: Context, *, node_config_key: str = NODE_CONFIG_SECRET_KEY
+    ) -> ClientSecret:
+        """This node's secret: from its node config if set there, otherwise the one kept in its
+        ``Context.state``, created from the operating system's randomness on first use.
+
+        Set ``--node-config "client-secret='...'"`` on a SuperNode for runs that can be
+        reproduced; a value shorter than 16 characters is used with a loud warning. Neither the
+        node config nor ``Context.state`` leaves the SuperNode.
+
+        Parameters
+        ----------
+        context : Context
+            The ClientApp's context.
+        node_config_key : str (default: "client-secret")
+            The node-config key read.
+        """
+        configured = context.node_config.get(node_config_key)
+        if configured is not None and str(configured) != "":
+            if len(str(configured)) < MIN_SECRET_CHARACTERS:
+                logger.warning(
+                    "PRIVACY: the node config's %r has fewer than %d characters; a server can "
+                    "guess a short secret and reproduce this client's batch order and noise. "
+                    "Use a long random value (python -c 'import secrets; "
+                    "print(secrets.token_hex(16))')",
+                    node_config_key,
+                    MIN_SECRET_CHARACTERS,
+                )
+            return cls.from_value(str(configured))
+        saved = context.state.config_records.get(STATE_SECRET_KEY)
+        if saved is not None:
+            return cls(bytes(saved["key"]))  # type: ignore[arg-type]
+        from flwr.app import ConfigRecord
+
+        created = cls.generate()
+        context.state[STATE_SECRET_KEY] = ConfigRecord({"key": created.key})
+        return created
+
+    def seed(self, purpose: str, *indices: int) -> int:
+        """A 63-bit seed for ``purpose`` (and e.g. the round), independent of every other."""
+        message = ":".join([purpose, *map(str, indices)]).encode()
+        digest = hmac.new(self.key, message, hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
+
+    def generator(self, purpose: str, *indices: int) -> torch.Generator:
+        """A CPU ``torch.Generator`` seeded with :meth:`seed`."""
+        return torch.Generator().manual_seed(self.seed(purpose, *indices))
 
 
 @dataclass(frozen=True)
@@ -273,7 +389,12 @@ class PrivacyConfig:
 
     @contextlib.contextmanager
     def training(
-        self, split: SplitModel, optimizer: torch.optim.Optimizer, *, batch_size: int | None
+        self,
+        split: SplitModel,
+        optimizer: torch.optim.Optimizer,
+        *,
+        batch_size: int | None,
+        generator: torch.Generator | None = None,
     ) -> Iterator[tuple[SplitModel, torch.optim.Optimizer]]:
         """Train ``split``'s client parts with DP-SGD inside the block, when it is configured.
 
@@ -286,6 +407,9 @@ class PrivacyConfig:
         ----------
         batch_size : int | None
             The expected batch size, which DP-SGD divides the noised sum by; needed with DP-SGD.
+        generator : torch.Generator | None (default: None)
+            Draws DP-SGD's noise (e.g. :meth:`ClientSecret.generator`); ``None``: torch's
+            global generator.
         """
         if not self.dp_sgd:
             yield split, optimizer
@@ -301,6 +425,7 @@ class PrivacyConfig:
             max_grad_norm=self.dp_max_grad_norm,
             expected_batch_size=batch_size,
             grad_sample_mode=self.grad_sample_mode,
+            generator=generator,
         )
         try:
             yield dataclasses.replace(split, client_half=module), private_optimizer
@@ -470,6 +595,7 @@ def make_client_half_private(
     max_grad_norm: float,
     expected_batch_size: int,
     grad_sample_mode: str = "hooks",
+    generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Wrap ``client_half`` and ``optimizer`` for DP-SGD with Opacus.
 
@@ -477,7 +603,8 @@ def make_client_half_private(
     parameters; call ``remove_hooks()`` on it when done) and an optimizer that clips each
     example's gradient to ``max_grad_norm``, sums, adds ``N(0, (noise_multiplier *
     max_grad_norm)^2)`` and divides by ``expected_batch_size``: the mean-reduced loss the split
-    server uses. Refuses ghost clipping and BatchNorm.
+    server uses. Refuses ghost clipping and BatchNorm. ``generator`` draws the noise (default:
+    torch's global generator).
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -504,6 +631,7 @@ def make_client_half_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
+        generator=generator,
     )
     return module, private_optimizer
 

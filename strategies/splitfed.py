@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,11 @@ from splitfed.wire import COMPRESSIONS, TensorSpec
 
 from .failures import FailureLog
 
-__all__ = ["SplitFed", "SplitFedResult"]
+__all__ = ["CLIENT_HEADS", "SplitFed", "SplitFedResult"]
 
 CHECKPOINT_FORMAT = 2
+CLIENT_HEADS = ("shared", "local")
+"""Label-private split: what happens to the client heads (``SplitFed(client_heads=...)``)."""
 
 
 @dataclass
@@ -140,6 +143,14 @@ class SplitFed(Strategy):
     checkpoint : CheckpointConfig | None (default: None)
         Write a checkpoint after every merged round and resume from one (see
         :class:`splitfed.CheckpointConfig`).
+    client_heads : str (default: "shared")
+        Label-private split only. ``"shared"``: the client heads travel with the client halves
+        and are merged by ``aggregator`` in this process, the split server's, which can then run
+        a head on the server half's outputs and label the private examples (logged as a
+        warning). ``"local"``: each client keeps its head and trains it on its own data alone (a
+        personalised head); messages, replies and the global arrays hold the client half only,
+        this process never holds a head, and accuracy is measured on the clients (federated
+        evaluation): :meth:`global_model` has no head to assemble.
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class SplitFed(Strategy):
         server_threads: int | None = None,
         batched: bool = False,
         checkpoint: CheckpointConfig | None = None,
+        client_heads: str = "shared",
     ) -> None:
         if data_plane_compression not in COMPRESSIONS:
             raise ValueError(
@@ -183,6 +195,21 @@ class SplitFed(Strategy):
             )
         if max_failed_rounds < 1:
             raise ValueError(f"max_failed_rounds must be at least 1; got {max_failed_rounds}")
+        if client_heads not in CLIENT_HEADS:
+            raise ValueError(f"client_heads={client_heads!r} is not known; use 'shared' or 'local'")
+        if client_heads == "local" and not split.label_private:
+            raise ValueError(
+                "client_heads='local' applies to the label-private split, and this split has no "
+                "client head: cut the model with a server_cut, or leave client_heads='shared'"
+            )
+        if split.label_private and client_heads == "shared":
+            log(
+                WARNING,
+                "PRIVACY: label-private split with client_heads='shared': the client heads reach "
+                "the aggregator in this process, the split server's, which can run a head on the "
+                "server half's outputs and label the private examples. Pass "
+                "client_heads='local' to keep each head on its client",
+            )
         if split.label_private and loss_fn is not None:
             raise ValueError(
                 "in the label-private split the loss is computed by the client head: pass "
@@ -210,9 +237,16 @@ class SplitFed(Strategy):
             if min_completed_clients is not None
             else int(getattr(self.aggregator, "min_train_nodes", 1))
         )
+        self.client_heads = client_heads
         # The strategy's own copy of the model: the trainer owns the server half; the client
-        # parts and another server half assemble the global model for evaluation.
-        self._split = copy.deepcopy(split)
+        # parts and another server half assemble the global model for evaluation. With heads
+        # kept on the clients it holds no head, not even the initial one.
+        self._split = (
+            dataclasses.replace(split, client_head=None, model=None)
+            if client_heads == "local"
+            else split
+        )
+        self._split = copy.deepcopy(self._split)
         self.trainer = make_trainer(
             self.variant,
             server_copies=self.server_copies,
@@ -222,7 +256,7 @@ class SplitFed(Strategy):
             loss_fn=loss_fn,
             device=device,
         )
-        self.client_half_keys = tuple(split.client_state_dict())
+        self.client_half_keys = tuple(self._split.client_state_dict())
         self.split_server = SplitServer(
             trainer=self.trainer,
             activation_shape=split.activation_shape,
@@ -260,6 +294,8 @@ class SplitFed(Strategy):
         if self.variant == Variant.LOCAL_LOSS:
             log(INFO, "\t│\t├── Send every: %d batch(es)", self.send_every)
         log(INFO, "\t│\t├── Label-private (U-shaped): %s", self.label_private)
+        if self.label_private:
+            log(INFO, "\t│\t├── Client heads: %s", self.client_heads)
         log(INFO, "\t│\t├── Split server: %s", self.split_server.address or "(not started)")
         log(
             INFO, "\t│\t├── Data-plane TLS: %s", "on" if self.split_server.tls else "OFF (insecure)"
@@ -298,6 +334,7 @@ class SplitFed(Strategy):
         replies = list(replies)
         stats = self.split_server.close_round()
         completed = self._failures.record(server_round, "train", self._selected, replies)
+        completed = self._without_unexpected_parts(server_round, completed)
         merge = self._merges_after(server_round)
         dropped = merge and len(completed) < self.min_completed_clients
         arrays: ArrayRecord | None
@@ -476,6 +513,12 @@ class SplitFed(Strategy):
         It is the strategy's own copy, loaded anew by each call; use it for central evaluation
         or to save the model. Its parameters are not the ones being trained.
         """
+        if self.client_heads == "local":
+            raise ValueError(
+                "the client heads stay on the clients (client_heads='local'), so there is no "
+                "whole model here to evaluate centrally: pass no evaluate_fn and measure accuracy "
+                "with federated evaluation (the aggregator's fraction_evaluate > 0)"
+            )
         self._split.load_client_state_dict(arrays.to_torch_state_dict())
         self._split.server_half.load_state_dict(self.trainer.server_half.state_dict())
         return self._split.full_model()
@@ -513,6 +556,30 @@ class SplitFed(Strategy):
             )
         return tickets
 
+    def _without_unexpected_parts(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Leave out replies whose arrays are not the client side this strategy merges (a client
+        head where heads stay on the clients): they are not merged, and the global arrays never
+        hold them."""
+        expected = set(self.client_half_keys)
+        kept = []
+        for msg in replies:
+            keys = {key for record in msg.content.array_records.values() for key in record}
+            unexpected = sorted(keys - expected)
+            if not unexpected:
+                kept.append(msg)
+                continue
+            log(
+                ERROR,
+                "[SplitFed] round %d: node %s replied with arrays %s, which this strategy does "
+                "not merge (client_heads=%r); its reply is left out. Give the client "
+                "train_client_half(keep_client_head=True) and the same cut as the ServerApp",
+                server_round,
+                msg.metadata.src_node_id,
+                unexpected,
+                self.client_heads,
+            )
+        return kept
+
     def _merges_after(self, server_round: int) -> bool:
         return server_round % self.merge_every == 0 or server_round == self._num_rounds
 
@@ -539,7 +606,12 @@ class SplitFed(Strategy):
             raise ValueError(
                 "initial_arrays do not match the client side of the split: expected keys "
                 f"{list(self.client_half_keys)}, got {list(arrays)}. Pass "
-                "ArrayRecord(split.client_state_dict())"
+                + (
+                    "ArrayRecord(split.client_half.state_dict()): the client heads stay on the "
+                    "clients (client_heads='local')"
+                    if self.client_heads == "local"
+                    else "ArrayRecord(split.client_state_dict())"
+                )
             )
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tests.conftest import (
     cpu_seconds,
     marked_environment,
 )
-from tests.test_simulation import unsplit_reference
+from tests.test_simulation import FROM_SEED, unsplit_reference
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,9 @@ def test_a_client_killed_mid_epoch_is_left_out_and_the_round_completes(launch, r
 
 
 def launcher(output_dir: Path, overrides: dict, ray_address: str) -> list[str]:
-    run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
+    run_config = " ".join(
+        f"{k}={chr(34) + v + chr(34) if isinstance(v, str) else v}" for k, v in overrides.items()
+    )
     return [
         sys.executable,
         "-m",
@@ -117,6 +119,7 @@ def test_a_run_killed_between_rounds_resumes_to_the_uninterrupted_result(
         "client-momentum": 0.0,
         "server-momentum": 0.0,
         "local-epochs": 1,
+        **FROM_SEED,
     }
     config = AppConfig.from_run_config(overrides)
     expected = unsplit_reference(rounds=3, num_partitions=3, config=config)

@@ -32,6 +32,11 @@ def elementwise_median(tensors: list[torch.Tensor], weights: list[int]) -> torch
     return torch.stack(tensors).median(dim=0).values  # three clients: the middle value
 
 
+FROM_SEED = {"client-randomness": "from-seed"}
+"""Run config for runs compared with :func:`unsplit_reference`: clients order their batches as
+the run config's seed says (by default each client's own secret does, which no reference knows)."""
+
+
 def unsplit_reference(
     *,
     rounds: int,
@@ -80,12 +85,16 @@ def unsplit_reference(
     return global_state
 
 
-def assert_trained_model_is(result, expected: dict[str, torch.Tensor]) -> None:
+def assert_trained_model_is(
+    result, expected: dict[str, torch.Tensor], *, atol: float = 1e-5
+) -> None:
     # The final model under the unsplit model's own keys.
     trained = torch.load(result.output_dir / "model.pt", weights_only=True)
     assert trained.keys() == expected.keys()
     for key, value in expected.items():
-        torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            trained[key], value, rtol=1e-4, atol=atol, msg=lambda found, key=key: f"{key}: {found}"
+        )
 
 
 # Exact up to float32 rounding: one round with the app's momentum SGD; two rounds without
@@ -95,8 +104,8 @@ def assert_trained_model_is(result, expected: dict[str, torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"num-server-rounds": 1},
-        {"num-server-rounds": 2, "client-momentum": 0.0, "server-momentum": 0.0},
+        {"num-server-rounds": 1, **FROM_SEED},
+        {"num-server-rounds": 2, "client-momentum": 0.0, "server-momentum": 0.0, **FROM_SEED},
     ],
     ids=["1-round-momentum", "2-rounds"],
 )
@@ -115,7 +124,7 @@ def test_sflv1_under_flwr_run_equals_fedavg_of_the_unsplit_model(overrides, laun
 
 def test_fedavg_baseline_under_flwr_run_is_fedavg_of_the_whole_model(launch):
     # The benchmark's baseline: the same task, the whole model trained on every client.
-    overrides = {"num-server-rounds": 2, "client-momentum": 0.0}
+    overrides = {"num-server-rounds": 2, "client-momentum": 0.0, **FROM_SEED}
     config = AppConfig.from_run_config(overrides)
     result = launch(run_config={**overrides, "variant": "fedavg"}, num_supernodes=3)
     assert result.completed, result.failure_report()
@@ -128,7 +137,7 @@ def test_fedavg_baseline_under_flwr_run_is_fedavg_of_the_whole_model(launch):
 
 
 def test_batchnorm_buffers_travel_with_the_client_half_and_are_averaged(launch):
-    overrides = {"num-server-rounds": 1, "batch-norm": True}
+    overrides = {"num-server-rounds": 1, "batch-norm": True, **FROM_SEED}
     config = AppConfig.from_run_config(overrides)
     result = launch(run_config=overrides, num_supernodes=3)
     assert result.completed, result.failure_report()
@@ -159,6 +168,7 @@ def test_merge_every_two_rounds_lets_clients_go_on_from_their_own_halves(launch)
         "merge-every": 2,
         "client-momentum": 0.0,
         "server-momentum": 0.0,
+        **FROM_SEED,
     }
     config = AppConfig.from_run_config(overrides)
     result = launch(run_config=overrides, num_supernodes=3)
@@ -166,11 +176,18 @@ def test_merge_every_two_rounds_lets_clients_go_on_from_their_own_halves(launch)
     assert [result.metrics[r]["merged"] for r in (1, 2)] == [0, 1]
     # Round 1 sent no client halves back: only the round-2 replies carry them.
     assert result.metrics[1]["model-sync-bytes"] < result.metrics[2]["model-sync-bytes"]
-    assert_trained_model_is(result, unsplit_reference(rounds=2, num_partitions=3, config=config))
+    # Four epochs on each client and its server copy before the one merge: float32 rounding
+    # differences between the processes flip a ReLU here and there (2e-4 on one fc1 unit); a
+    # lost or repeated round moves the weights more than ten times the tolerance.
+    tolerance = 1e-3
+    expected = unsplit_reference(rounds=2, num_partitions=3, config=config)
+    one_round = unsplit_reference(rounds=1, num_partitions=3, config=config)
+    assert max((expected[k] - one_round[k]).abs().max() for k in expected) > 10 * tolerance
+    assert_trained_model_is(result, expected, atol=tolerance)
 
 
 def test_client_halves_can_be_merged_by_another_flower_strategy(launch):
-    overrides = {"num-server-rounds": 1, "aggregator": "fedmedian"}
+    overrides = {"num-server-rounds": 1, "aggregator": "fedmedian", **FROM_SEED}
     config = AppConfig.from_run_config(overrides)
     result = launch(run_config=overrides, num_supernodes=3)
     assert result.completed, result.failure_report()

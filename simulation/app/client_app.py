@@ -3,10 +3,13 @@ server."""
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from splitfed import DataPlaneTicket, evaluate_client_half, train_client_half
+from splitfed.privacy import ClientSecret
 
 from . import fedavg
 from .config import AppConfig
@@ -21,6 +24,24 @@ from .task import (
 
 app = ClientApp()
 
+logger = logging.getLogger("flwr_splitfed")
+_warned_from_seed: list[bool] = []
+
+
+def client_secret(config: AppConfig, context: Context, *, partition_id: int) -> ClientSecret:
+    """This client's randomness (batch order, noise): its own secret, or, with
+    ``client-randomness = "from-seed"``, one the run config's seed and the partition give."""
+    if config.client_randomness == "from-seed":
+        if not _warned_from_seed:
+            _warned_from_seed.append(True)
+            logger.warning(
+                "PRIVACY: client-randomness='from-seed': every client's batch order and noise "
+                "follow from the run config, which the server knows; it can link the releases "
+                "of each example and subtract the noise. Use it for experiments only"
+            )
+        return ClientSecret.from_value(f"from-seed:{config.seed}:{partition_id}")
+    return ClientSecret.from_context(context)
+
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
@@ -30,12 +51,21 @@ def train(msg: Message, context: Context) -> Message:
     config = AppConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     data = federated_data(config, num_partitions=int(context.node_config["num-partitions"]))
+    secret = client_secret(config, context, partition_id=partition_id)
+    # The batch order of "from-seed" is round_shuffle_seed's, which the tests' references use.
+    order_secret = None if config.client_randomness == "from-seed" else secret
     if config.variant == fedavg.FEDAVG:
         server_round = int(msg.content["config"]["server-round"])
         return fedavg.train_reply(
             msg,
             whole_model(config, data),
-            loader=train_loader(config, data, partition_id=partition_id, server_round=server_round),
+            loader=train_loader(
+                config,
+                data,
+                partition_id=partition_id,
+                server_round=server_round,
+                secret=order_secret,
+            ),
             batch=batch_spec(data),
             optimizer=config.client_optimizer,
             local_epochs=config.local_epochs,
@@ -51,12 +81,14 @@ def train(msg: Message, context: Context) -> Message:
             data,
             partition_id=partition_id,
             server_round=DataPlaneTicket.from_message(msg).server_round,
+            secret=order_secret,
         ),
         batch=batch_spec(data),
         optimizer=config.client_optimizer,
         local_epochs=config.local_epochs,
         reset_optimizer=config.reset_client_optimizer,
         privacy=privacy if privacy.enabled else None,
+        secret=secret,
     )
 
 

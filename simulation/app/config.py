@@ -30,13 +30,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - flwr depends on tomli
     import tomli as tomllib
 
-__all__ = ["AGGREGATORS", "OPTIMIZERS", "AppConfig", "app_config_defaults"]
+__all__ = ["AGGREGATORS", "CLIENT_RANDOMNESS", "OPTIMIZERS", "AppConfig", "app_config_defaults"]
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 """The app's pyproject.toml: in the repository and in the FAB Flower builds from it alike."""
 
 AGGREGATORS = ("fedavg", "fedprox", "fedmedian")
 """Flower strategies the app can merge client halves with (run-config key ``aggregator``)."""
+
+CLIENT_RANDOMNESS = ("private", "from-seed")
+"""Where a client's batch order and noise come from (run-config key ``client-randomness``):
+its own secret, or the run config's seed and its partition (reproducible, and derivable by the
+server)."""
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -147,6 +152,7 @@ class AppConfig:
     dp_noise_multiplier: float = _default("dp-noise-multiplier")
     dp_max_grad_norm: float = _default("dp-max-grad-norm")
     privacy_delta: float = _default("privacy-delta")
+    client_randomness: str = _default("client-randomness")
     data_plane_compression: str = _default("data-plane-compression")
     client_optimizer: OptimizerConfig = field(default=optimizer_config(_DEFAULTS, prefix="client-"))
     server_optimizer: OptimizerConfig = field(default=optimizer_config(_DEFAULTS, prefix="server-"))
@@ -222,6 +228,11 @@ class AppConfig:
             )
         except PrivacyConfigError as err:
             problems.append(_in_run_config_words(str(err)))
+        if self.client_randomness not in CLIENT_RANDOMNESS:
+            problems.append(
+                f"client-randomness={self.client_randomness!r} must be one of "
+                f"{', '.join(map(repr, CLIENT_RANDOMNESS))}"
+            )
         if self.batch_norm and self.privacy().dp_sgd:
             problems.append(
                 "DP-SGD (dp-noise-multiplier) cannot run with batch-norm=true: BatchNorm mixes "

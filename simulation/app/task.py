@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from splitfed import BatchSpec, SplitModel, Variant, split_model
+from splitfed.privacy import ClientSecret
 
 from .datasets import DataConfig, FederatedData, load_federated, loader
 from .models import AUX_HEADS, DEFAULT_CUTS, build_model, digits_cnn
@@ -104,13 +105,27 @@ def batch_spec(data: FederatedData) -> BatchSpec:
 
 
 def train_loader(
-    config: AppConfig, data: FederatedData, *, partition_id: int, server_round: int
+    config: AppConfig,
+    data: FederatedData,
+    *,
+    partition_id: int,
+    server_round: int,
+    secret: ClientSecret | None = None,
 ) -> DataLoader:
-    """A client's training batches of a round, in an order of its own for each round."""
+    """A client's training batches of a round, in an order of its own for each round.
+
+    With ``secret`` (the ClientApp's) the order is drawn from the client's secret, which the
+    server cannot derive. Without it the order comes from :func:`round_shuffle_seed`, which the
+    server can derive from the run config: that links every release of an example, so it serves
+    baselines, references in tests and ``client-randomness = "from-seed"`` only.
+    """
+    seed = (
+        secret.seed("shuffle", server_round)
+        if secret is not None
+        else round_shuffle_seed(config.seed, server_round, partition_id)
+    )
     return loader(
-        data.train_partition(partition_id),
-        batch_size=config.batch_size,
-        shuffle_seed=round_shuffle_seed(config.seed, server_round, partition_id),
+        data.train_partition(partition_id), batch_size=config.batch_size, shuffle_seed=seed
     )
 
 
@@ -120,7 +135,12 @@ def test_loader(config: AppConfig, data: FederatedData, *, partition_id: int) ->
 
 
 def round_shuffle_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """The seed of a client's batch order in a round: new each round, the same in every run."""
+    """The seed of a client's batch order in a round: new each round, the same in every run.
+
+    Anyone who knows the run config can compute it, the server included; the ClientApp draws
+    its order from the client's secret instead (:func:`train_loader`'s ``secret``), unless
+    ``client-randomness = "from-seed"``.
+    """
     return seed * 1_000_003 + server_round * 1_009 + partition_id
 
 
