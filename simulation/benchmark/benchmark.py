@@ -46,11 +46,22 @@ from .measure import (
     training_cost,
 )
 from .models import WORKLOADS, synthetic_partition
+from .network import run_network
 from .stats import NOISE_BOUND, Repeated, machine
 
 __all__ = ["SECTIONS", "main"]
 
-SECTIONS = ("step", "overhead", "messages", "rounds", "bytes", "cost", "scaling")
+SECTIONS = (
+    "step",
+    "overhead",
+    "messages",
+    "rounds",
+    "bytes",
+    "cost",
+    "network",
+    "accuracy",
+    "scaling",
+)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -394,6 +405,18 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
         run_bytes_and_cost(report, sections=sections, workloads=args.workloads)
     if "scaling" in sections:
         run_scaling(report, quick=args.quick)
+    if "network" in sections:
+        run_network(
+            report,
+            quick=args.quick,
+            repeats=repeats,
+            workloads=args.workloads,
+            out_dir=args.out,
+        )
+    if "accuracy" in sections:
+        from .accuracy import run_accuracy  # noqa: PLC0415 - loads the app's data libraries
+
+        run_accuracy(report, quick=args.quick, out_dir=args.out, repeats=min(repeats, 3))
     report.say(f"\nMachine at the end: {machine()}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
