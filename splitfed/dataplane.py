@@ -11,6 +11,7 @@ methods.
 from __future__ import annotations
 
 import collections
+import contextlib
 import queue
 import random
 import time
@@ -49,6 +50,9 @@ __all__ = [
     "LocalLossDataPlane",
     "SplitServerError",
 ]
+
+_CLOSE_TIMEOUT = 5.0
+"""Seconds :meth:`GrpcDataPlane.close` waits for the split server to end the stream."""
 
 _ACKNOWLEDGEMENT_LIMITS = FrameLimits(kinds={FrameKind.ACK: {}, FrameKind.ERROR: {}}, max_batch=0)
 """What a local-loss client accepts back: an acknowledgement or an error, never a tensor."""
@@ -426,6 +430,10 @@ class GrpcDataPlane:
 
     def close(self) -> None:
         self._outbox.put(None)
+        # Wait (bounded) for the server to end the stream: once this returns, the split server
+        # no longer holds it open, so a round closed at once does not cut it as stalled.
+        with contextlib.suppress(Exception):
+            self._replies.exception(timeout=_CLOSE_TIMEOUT)
         self._replies.cancel()
         self._channel.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -207,3 +208,35 @@ def test_limits_are_checked_where_they_are_given():
         SplitServer(trainer=trainer, activation_shape=(4,), insecure=True, max_batch_size=0)
     with pytest.raises(ValueError, match="needs output_shape"):
         SplitServer(trainer=trainer, activation_shape=(4,), insecure=True, label_private=True)
+
+
+def test_a_round_closed_right_after_its_clients_closed_their_streams_cuts_none(caplog):
+    # A client's close returns once the split server has let its stream go, so the round's
+    # end (which comes right after the clients' replies) never takes a finished client for a
+    # stalled one.
+    split = small_split()
+    server = serving(split)
+    batch = digits_batches(0, 8, batch_size=8)[0]
+    with torch.no_grad():
+        sent = split.client_half(batch[0])
+    nodes = list(range(1, 9))
+    caplog.set_level(logging.WARNING, logger="flwr_splitfed")
+
+    def client(node_id: int, server_round: int, token: str) -> None:
+        with GrpcDataPlane(
+            address=server.address, node_id=node_id, server_round=server_round, token=token
+        ) as plane:
+            plane.exchange(1, sent, batch[1])
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            for server_round in range(1, 21):
+                tokens = server.open_round(server_round, nodes)
+                futures = [pool.submit(client, n, server_round, tokens[n]) for n in nodes]
+                for future in futures:
+                    future.result()
+                stats = server.close_round()
+                assert stats.batches == len(nodes) and stats.refused_batches == 0
+    finally:
+        server.stop(grace=None)
+    assert "cut the stream" not in caplog.text
