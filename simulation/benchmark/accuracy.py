@@ -48,6 +48,7 @@ from splitfed import (
     run_local_loss_epochs,
 )
 
+from .models import weighted_average
 from .network import VARIANTS, LinkProfile, Task, Variant, _write, measure_network
 from .stats import Repeated
 
@@ -83,16 +84,6 @@ def _config(run_config: Mapping[str, Any], variant: Variant) -> AppConfig:
     return AppConfig.from_run_config(
         {**run_config, "variant": variant.name, "send-every": variant.send_every}
     )
-
-
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    return {
-        key: sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(
-            states[0][key].dtype
-        )
-        for key in states[0]
-    }
 
 
 def accuracy_curve(
@@ -146,7 +137,7 @@ def _fedavg_curve(
                     examples += len(labels)
             states.append(copy.deepcopy(model.state_dict()))
             weights.append(examples)
-        model.load_state_dict(_average(states, weights))
+        model.load_state_dict(weighted_average(states, weights))
         curve.append(evaluate_model(model, test_inputs, test_labels)[1])
     return curve
 
@@ -216,10 +207,12 @@ def _split_curve(
                 finally:
                     server.close_round()
             weights = [examples for _, examples in done]
-            global_state = _average([state for state, _ in done], weights)
+            global_state = weighted_average([state for state, _ in done], weights)
             copies = trainer.client_copies(nodes)
             if copies:
-                trainer.load_merged(_average([copies[n].state_dict() for n in nodes], weights))
+                trainer.load_merged(
+                    weighted_average([copies[n].state_dict() for n in nodes], weights)
+                )
             curve.append(evaluate())
     finally:
         server.stop(grace=None)

@@ -28,7 +28,7 @@ from splitfed.protocol import (
 from splitfed.wire import Frame, FrameKind, encode_frame
 
 from .clients import OPTIMIZER, client_process, per_message_client_app, unsplit_seconds
-from .models import WORKLOADS, Workload, batches, synthetic_partition
+from .models import WORKLOADS, Workload, batches, synthetic_partition, weighted_average
 from .stats import Repeated
 
 __all__ = [
@@ -52,15 +52,6 @@ def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "simulation.benchmark.clients"])
     return ctx
-
-
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    averaged = {}
-    for key, reference in states[0].items():
-        value = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
-        averaged[key] = value.to(reference.dtype)
-    return averaged
 
 
 def train_unsplit(
@@ -143,11 +134,13 @@ class SplitRun:
         replies = [pipe.recv() for pipe in self.pipes]
         stats = self.server.close_round()
         weights = [reply[1] for reply in replies]
-        self.client_state = _average([reply[0] for reply in replies], weights)
+        self.client_state = weighted_average([reply[0] for reply in replies], weights)
         trainer = self.server.trainer
         copies = trainer.client_copies(node_ids)
         if copies:
-            trainer.load_merged(_average([copies[n].state_dict() for n in node_ids], weights))
+            trainer.load_merged(
+                weighted_average([copies[n].state_dict() for n in node_ids], weights)
+            )
         seconds = time.perf_counter() - started
         self.last_bytes = stats.data_plane_bytes
         self.last_examples = sum(weights)

@@ -14,7 +14,14 @@ from torch import nn
 
 from splitfed import SplitModel, split_model
 
-__all__ = ["WORKLOADS", "Workload", "lenet5", "resnet18_style", "synthetic_partition"]
+__all__ = [
+    "WORKLOADS",
+    "Workload",
+    "lenet5",
+    "resnet18_style",
+    "synthetic_partition",
+    "weighted_average",
+]
 
 
 def lenet5() -> nn.Sequential:
@@ -154,3 +161,17 @@ def batches(
         (inputs[i : i + batch_size], labels[i : i + batch_size])
         for i in range(0, len(labels), batch_size)
     ]
+
+
+def weighted_average(
+    states: list[dict[str, torch.Tensor]], weights: list[int]
+) -> dict[str, torch.Tensor]:
+    """FedAvg of state dicts: the mean weighted by ``weights`` (examples), summed in float64 and
+    returned in each entry's own dtype."""
+    total = sum(weights)
+    return {
+        key: sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(
+            reference.dtype
+        )
+        for key, reference in states[0].items()
+    }

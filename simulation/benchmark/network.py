@@ -60,7 +60,7 @@ from splitfed.protocol import GRPC_OPTIONS, SERVICE, STREAM_METHOD
 from splitfed.wire import Frame, FrameKind, encode_frame
 
 from .clients import OPTIMIZER
-from .models import WORKLOADS, batches, synthetic_partition
+from .models import WORKLOADS, batches, synthetic_partition, weighted_average
 from .stats import Repeated, machine, ratio
 
 __all__ = [
@@ -702,16 +702,6 @@ class _Parts:
         return whole_model(self.config, self.data)
 
 
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    return {
-        key: sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(
-            states[0][key].dtype
-        )
-        for key in states[0]
-    }
-
-
 # -- a client process -----------------------------------------------------------------------------
 
 
@@ -998,12 +988,14 @@ class LinkRun:
             replies.append(reply)
         data_plane = side.server.close_round().data_plane_bytes if side.server else 0
         weights = [reply["examples"] for reply in replies]
-        side.state = _average([reply["state"] for reply in replies], weights)
+        side.state = weighted_average([reply["state"] for reply in replies], weights)
         if side.server is not None:
             trainer = side.server.trainer
             copies = trainer.client_copies(nodes)
             if copies:
-                trainer.load_merged(_average([copies[n].state_dict() for n in nodes], weights))
+                trainer.load_merged(
+                    weighted_average([copies[n].state_dict() for n in nodes], weights)
+                )
         seconds = time.perf_counter() - started
         return RoundFigures(
             seconds=seconds,

@@ -16,6 +16,7 @@ from simulation.app.config import AppConfig
 from simulation.app.task import federated_data, model_split, train_loader
 from splitfed import make_trainer
 
+from .models import weighted_average
 from .stats import Repeated
 
 __all__ = ["app_rounds", "sequential_rounds"]
@@ -61,25 +62,17 @@ def sequential_rounds(
                         optimizer.step()
                         count += len(batch[key_label])
                 examples.append(count)
-            global_state = _average([c.client_state_dict() for c in clients], examples)
+            global_state = weighted_average([c.client_state_dict() for c in clients], examples)
             copies = trainer.client_copies(nodes)
             if copies:
-                trainer.load_merged(_average([copies[n].state_dict() for n in nodes], examples))
+                trainer.load_merged(
+                    weighted_average([copies[n].state_dict() for n in nodes], examples)
+                )
             if server_round > 1:
                 seconds.add(time.perf_counter() - started)
     finally:
         trainer.close()
     return seconds
-
-
-def _average(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
-    total = sum(weights)
-    return {
-        key: sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(
-            states[0][key].dtype
-        )
-        for key in states[0]
-    }
 
 
 def app_rounds(
