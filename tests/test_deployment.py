@@ -183,5 +183,6 @@ def test_a_stalled_client_is_left_out_after_the_round_timeout(tmp_path):
     metrics = result.metrics[1]
     splitfed_log = "\n".join(line for line in result.log.splitlines() if "SplitFed" in line)
     assert metrics["clients"] == 3 and metrics["failed-clients"] == 1, splitfed_log
-    assert metrics["merged"] == 1 and metrics["round-seconds"] >= round_timeout
+    # round-seconds and Flower's timeout are timed from moments a few milliseconds apart.
+    assert metrics["merged"] == 1 and metrics["round-seconds"] >= round_timeout - 0.5
     assert "sent no reply before the round timeout" in splitfed_log
