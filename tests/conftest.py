@@ -292,3 +292,27 @@ def app_batches_per_round(run_config: dict, *, num_partitions: int) -> int:
         config.local_epochs * len(train_loader(config, data, partition_id=i, server_round=1))
         for i in range(num_partitions)
     )
+
+
+@pytest.fixture
+def u_server_factory():
+    """Start label-private split servers for a test; stop them afterwards."""
+    servers: list[SplitServer] = []
+
+    def factory(split, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM) -> SplitServer:
+        trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
+        server = SplitServer(
+            trainer=trainer,
+            activation_shape=split.activation_shape,
+            activation_dtype=split.activation_dtype,
+            insecure=True,
+            label_private=True,
+            output_shape=split.output_shape,
+        )
+        server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.stop(grace=None)

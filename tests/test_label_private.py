@@ -21,9 +21,7 @@ from splitfed import (
     OptimizerConfig,
     SFLV1Trainer,
     SplitFed,
-    SplitServer,
     SplitServerError,
-    make_trainer,
     run_local_epochs,
     split_model,
 )
@@ -36,29 +34,6 @@ SAMPLE = torch.zeros(2, 1, 8, 8)
 def u_split(seed: int = 0):
     torch.manual_seed(seed)
     return split_model(digits_cnn(), cut="pool", server_cut="relu3", sample_input=SAMPLE)
-
-
-@pytest.fixture
-def u_server_factory():
-    servers: list[SplitServer] = []
-
-    def factory(split, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM) -> SplitServer:
-        trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
-        server = SplitServer(
-            trainer=trainer,
-            activation_shape=split.activation_shape,
-            activation_dtype=split.activation_dtype,
-            insecure=True,
-            label_private=True,
-            output_shape=split.output_shape,
-        )
-        server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        server.stop(grace=None)
 
 
 def test_a_server_cut_cuts_in_three_and_keeps_names():

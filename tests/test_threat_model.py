@@ -21,8 +21,6 @@ from splitfed import (
     DataPlaneTicket,
     GrpcDataPlane,
     SplitFed,
-    SplitServer,
-    make_trainer,
     run_local_epochs,
     train_client_half,
 )
@@ -32,30 +30,6 @@ from tests.conftest import SGD_MOMENTUM, digits_batches
 from tests.test_client import NODE, new_context, task_identity, train_message  # noqa: F401
 from tests.test_equivalence import assert_same_state
 from tests.test_label_private import train_unsplit_u, u_split
-
-
-@pytest.fixture
-def u_server_factory():
-    """Start label-private split servers for a test; stop them afterwards."""
-    servers: list[SplitServer] = []
-
-    def factory(split, *, variant: str) -> SplitServer:
-        trainer = make_trainer(variant, server_half=split.server_half, optimizer=SGD_MOMENTUM)
-        server = SplitServer(
-            trainer=trainer,
-            activation_shape=split.activation_shape,
-            activation_dtype=split.activation_dtype,
-            insecure=True,
-            label_private=True,
-            output_shape=split.output_shape,
-        )
-        server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        server.stop(grace=None)
 
 
 class Grid:
