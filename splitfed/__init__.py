@@ -30,6 +30,7 @@ from .dataplane import (
     LocalLossDataPlane,
     SplitServerError,
 )
+from .monitor import LeakageEstimate, LeakageMonitor
 from .privacy import PrivacyConfig, PrivacyConfigError
 from .protocol import DataPlaneTicket, Mode
 from .server import BatchError, RoundStats, SplitServer
@@ -61,6 +62,8 @@ __all__ = [
     "EvaluateStats",
     "Exchange",
     "GrpcDataPlane",
+    "LeakageEstimate",
+    "LeakageMonitor",
     "LocalLossDataPlane",
     "LocalLossStats",
     "Mode",

@@ -23,6 +23,7 @@ from torch import nn
 from splitfed.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
 from splitfed.config import OptimizerConfig, ServerCopies, Variant
 from splitfed.cut import SplitModel
+from splitfed.monitor import LeakageMonitor
 from splitfed.protocol import TICKET_KEY, DataPlaneTicket, Mode
 from splitfed.resources import peak_rss_mb
 from splitfed.server import RoundStats, SplitServer
@@ -151,6 +152,12 @@ class SplitFed(Strategy):
         personalised head); messages, replies and the global arrays hold the client half only,
         this process never holds a head, and accuracy is measured on the clients (federated
         evaluation): :meth:`global_model` has no head to assemble.
+    leakage_monitor : LeakageMonitor | None (default: None)
+        After each merged round (every ``leakage_monitor.every``), estimate what this process
+        could reconstruct of the clients' inputs from the merged client half (see
+        :class:`splitfed.LeakageMonitor`); the estimate joins the round's metrics
+        (``leakage-`` keys), and with ``action="stop"`` a round above its threshold ends the
+        run after that round's evaluation.
     """
 
     def __init__(
@@ -181,6 +188,7 @@ class SplitFed(Strategy):
         batched: bool = False,
         checkpoint: CheckpointConfig | None = None,
         client_heads: str = "shared",
+        leakage_monitor: LeakageMonitor | None = None,
     ) -> None:
         if data_plane_compression not in COMPRESSIONS:
             raise ValueError(
@@ -275,6 +283,9 @@ class SplitFed(Strategy):
             local_loss=self.variant == Variant.LOCAL_LOSS,
             intra_op_threads=server_threads,
         )
+        self.leakage_monitor = leakage_monitor
+        if leakage_monitor is not None:
+            leakage_monitor.bind(self._split.client_half, activation_shape=split.activation_shape)
         self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0
         self._round_started = 0.0
@@ -303,6 +314,15 @@ class SplitFed(Strategy):
         log(INFO, "\t│\t├── Server optimizer: %s", self.trainer.optimizer_config)
         log(INFO, "\t│\t├── Data-plane compression: %s", self.data_plane_compression)
         log(INFO, "\t│\t├── Merge every: %d round(s)", self.merge_every)
+        monitor = self.leakage_monitor
+        log(
+            INFO,
+            "\t│\t├── Leakage monitor: %s",
+            "off"
+            if monitor is None
+            else f"every {monitor.every} round(s), threshold "
+            f"{'none' if monitor.threshold is None else monitor.threshold} ({monitor.action})",
+        )
         log(INFO, "\t│\t└── Client-half aggregator: %s", type(self.aggregator).__name__)
         self.aggregator.summary()
 
@@ -448,11 +468,21 @@ class SplitFed(Strategy):
                 log(INFO, "")
                 log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
                 self._train_round(grid, server_round, result, train_config, timeout)
+                self._monitor_leakage(server_round, result)
                 self._evaluate_round(grid, server_round, result, evaluate_config, timeout)
                 self._evaluate_centrally(server_round, result, evaluate_fn)
                 result.round_metrics[server_round] = self._round_metrics[server_round]
                 self._save(server_round, result)
                 self._failures.check(server_round, self.max_failed_rounds)
+                if self.leakage_monitor is not None and self.leakage_monitor.stopped:
+                    log(
+                        ERROR,
+                        "[SplitFed] run stopped after round %d of %d: leakage above the "
+                        "monitor's threshold",
+                        server_round,
+                        num_rounds,
+                    )
+                    break
         result.server_half_arrays = self.server_half_arrays()
         return result
 
@@ -473,6 +503,20 @@ class SplitFed(Strategy):
             result.arrays = arrays
         if metrics is not None:
             result.train_metrics_clientapp[server_round] = metrics
+
+    def _monitor_leakage(self, server_round: int, result: SplitFedResult) -> None:
+        monitor = self.leakage_monitor
+        metrics = self._round_metrics[server_round]
+        if (
+            monitor is None
+            or not metrics["merged"]
+            or not monitor.due(server_round, self._num_rounds)
+        ):
+            return
+        self._split.load_client_state_dict(result.arrays.to_torch_state_dict())
+        estimate = monitor.measure(server_round, self._split.client_half)
+        for key, value in estimate.metrics().items():
+            metrics[key] = value
 
     def _evaluate_round(
         self,

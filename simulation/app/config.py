@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, ServerCopies, Variant
+from splitfed.monitor import LEAKAGE_ACTIONS
 from splitfed.wire import COMPRESSIONS
 
 from .datasets import DataConfigError
@@ -42,6 +43,15 @@ CLIENT_RANDOMNESS = ("private", "from-seed")
 """Where a client's batch order and noise come from (run-config key ``client-randomness``):
 its own secret, or the run config's seed and its partition (reproducible, and derivable by the
 server)."""
+
+_WATCHING_ONLY = {
+    "leakage_monitor": False,
+    "leakage_threshold": 1.0,
+    "leakage_action": "warn",
+    "leakage_every": 1,
+    "leakage_steps": 1,
+}
+"""Keys that watch a run without changing its training: a resumed run may change them."""
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -154,6 +164,11 @@ class AppConfig:
     privacy_delta: float = _default("privacy-delta")
     client_randomness: str = _default("client-randomness")
     data_plane_compression: str = _default("data-plane-compression")
+    leakage_monitor: bool = _default("leakage-monitor")
+    leakage_threshold: float = _default("leakage-threshold")
+    leakage_action: str = _default("leakage-action")
+    leakage_every: int = _default("leakage-every")
+    leakage_steps: int = _default("leakage-steps")
     client_optimizer: OptimizerConfig = field(default=optimizer_config(_DEFAULTS, prefix="client-"))
     server_optimizer: OptimizerConfig = field(default=optimizer_config(_DEFAULTS, prefix="server-"))
 
@@ -169,6 +184,8 @@ class AppConfig:
                 ("merge-every", self.merge_every),
                 ("send-every", self.send_every),
                 ("max-failed-rounds", self.max_failed_rounds),
+                ("leakage-every", self.leakage_every),
+                ("leakage-steps", self.leakage_steps),
             )
             if value < 1
         ]
@@ -233,6 +250,20 @@ class AppConfig:
                 f"client-randomness={self.client_randomness!r} must be one of "
                 f"{', '.join(map(repr, CLIENT_RANDOMNESS))}"
             )
+        if self.leakage_monitor and self.variant == FEDAVG:
+            problems.append(
+                "leakage-monitor=true watches what crosses the cut; variant='fedavg' has none"
+            )
+        if not 0.0 <= self.leakage_threshold <= 1.0:
+            problems.append(
+                f"leakage-threshold={self.leakage_threshold} must be in [0, 1] (a share of "
+                "examples re-identified; 1.0 never warns)"
+            )
+        if self.leakage_action not in LEAKAGE_ACTIONS:
+            problems.append(
+                f"leakage-action={self.leakage_action!r} must be one of "
+                f"{', '.join(map(repr, LEAKAGE_ACTIONS))}"
+            )
         if self.batch_norm and self.privacy().dp_sgd:
             problems.append(
                 "DP-SGD (dp-noise-multiplier) cannot run with batch-norm=true: BatchNorm mixes "
@@ -282,9 +313,9 @@ class AppConfig:
         )
 
     def fingerprint(self) -> str:
-        """Identifies what a checkpoint depends on: every key but the output folder and the
-        number of rounds (a run may be resumed to train longer)."""
-        relevant = replace(self, output_dir="", num_server_rounds=1)
+        """Identifies what a checkpoint depends on: every key but the output folder, the
+        number of rounds (a run may be resumed to train longer) and the leakage monitor's."""
+        relevant = replace(self, output_dir="", num_server_rounds=1, **_WATCHING_ONLY)
         return hashlib.sha256(repr(relevant).encode()).hexdigest()[:16]
 
     def resolved_server_device(self) -> str:

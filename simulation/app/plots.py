@@ -19,7 +19,8 @@ def plot_run(
 
     Four panels: test accuracy and loss (central, from round 0 with ``initial``, and federated
     where clients evaluated), data-plane megabytes, and round seconds (the first round includes
-    the engine's start-up). Returns ``path``.
+    the engine's start-up); two more where the leakage monitor ran: re-identification against
+    chance, and the inputs' variance the reconstructions explain. Returns ``path``.
     """
     import matplotlib
 
@@ -36,7 +37,10 @@ def plot_run(
         points = sorted((r, float(v[key]) * scale) for r, v in rows.items() if key in v)
         return [r for r, _ in points], [y for _, y in points]
 
-    figure, axes = plt.subplots(2, 2, figsize=(10, 6.5), constrained_layout=True)
+    monitored = any("leakage-reidentification" in values for values in rows.values())
+    figure, axes = plt.subplots(
+        3 if monitored else 2, 2, figsize=(10, 9.5 if monitored else 6.5), constrained_layout=True
+    )
     for axis, metric in ((axes[0, 0], "accuracy"), (axes[0, 1], "loss")):
         for key, label in (
             (f"test-{metric}", "central"),
@@ -58,6 +62,19 @@ def plot_run(
         axis.set_title(label)
         axis.set_ylim(bottom=0)
         axis.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if monitored:
+        for axis, key, heading in (
+            (axes[2, 0], "leakage-reidentification", "leakage: held-out examples re-identified"),
+            (axes[2, 1], "leakage-explained-variance", "leakage: input variance reconstructed"),
+        ):
+            xs, ys = series(key)
+            axis.plot(xs, ys, marker="o", color="tab:red", label="split server's decoder")
+            if key == "leakage-reidentification":
+                xs, ys = series("leakage-reidentification-chance")
+                axis.plot(xs, ys, linestyle="--", color="gray", label="chance")
+            axis.set_title(heading)
+            axis.set_ylim(0, 1.05)
+            axis.legend(loc="best", fontsize="small")
     for axis in axes.flat:
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -18,6 +18,7 @@ from flwr.supercore import log
 
 from splitfed import (
     CheckpointConfig,
+    LeakageMonitor,
     ServerCopies,
     SplitFed,
     SplitFedResult,
@@ -89,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         if output_dir
         else None,
+        leakage_monitor=leakage_monitor(config, test_inputs, test_labels),
     )
 
     result = strategy.start(
@@ -106,6 +108,26 @@ def main(grid: Grid, context: Context) -> None:
         strategy.global_model(result.arrays),
         output_dir,
         Variant.describe(config.variant, server_copies),
+    )
+
+
+def leakage_monitor(
+    config: AppConfig, test_inputs: torch.Tensor, test_labels: torch.Tensor
+) -> LeakageMonitor | None:
+    """The leakage monitor the run config asks for, attacking with the ServerApp's own test
+    inputs (data the clients never train on). The plain split sends labels, so its attacker
+    re-identifies among examples of the same class; the label-private split's cannot."""
+    if not config.leakage_monitor:
+        return None
+    return LeakageMonitor(
+        auxiliary_inputs=test_inputs,
+        auxiliary_labels=None if config.label_private else test_labels,
+        privacy=config.privacy(),
+        threshold=config.leakage_threshold if config.leakage_threshold < 1.0 else None,
+        action=config.leakage_action,
+        every=config.leakage_every,
+        steps_per_round=config.leakage_steps,
+        seed=config.seed,
     )
 
 
@@ -162,13 +184,15 @@ def report(
     description: str,
 ) -> None:
     """Log the final accuracy; write the model, metrics and their picture to ``output_dir``."""
-    final = result.evaluate_metrics_serverapp[config.num_server_rounds]
+    # The last round evaluated: a run the leakage monitor stopped ends early.
+    last_round = max(result.evaluate_metrics_serverapp)
+    final = result.evaluate_metrics_serverapp[last_round]
     log(
         INFO,
         "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of %s",
         final["test-accuracy"],
         final["test-loss"],
-        config.num_server_rounds,
+        last_round,
         description,
     )
     if output_dir is not None:

@@ -1,0 +1,337 @@
+"""A live estimate, round by round, of what the split server could reconstruct of clients' inputs.
+
+The process that runs the split server also aggregates: after each round it holds the merged
+client half, knows the clients' defense (the run config states it) and may hold inputs of its
+own from the same domain (public or auxiliary data). :class:`LeakageMonitor` does with these
+what such a server could do: it trains a decoder from the client half's released activations
+(with fresh draws of the configured clipping and noise) back to the inputs, on part of the
+auxiliary inputs, and attacks the rest, which stand in for the clients' private examples:
+
+- **re-identification**: the share of held-out examples whose reconstruction is nearer their
+  own original than any other held-out example (of the same label, when labels are given: the
+  plain split sends them); chance is one over the candidates;
+- **explained variance** of the held-out inputs by their reconstructions (1 is exact, 0 is no
+  better than the mean input).
+
+The decoder keeps training from round to round, as an attacker's would. The estimate is a lower
+bound on what a stronger attacker gets (``python -m simulation.audit`` attacks harder, offline);
+it tracks how leakage moves while the run trains, and a threshold turns it into a warning or a
+stop. It costs the split server's process ``steps_per_round`` decoder steps a measured round,
+timed in ``leakage-monitor-seconds``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import torch
+from flwr.supercore import log
+from torch import nn
+
+from .privacy import PrivacyConfig
+
+__all__ = ["LEAKAGE_ACTIONS", "LeakageEstimate", "LeakageMonitor"]
+
+LEAKAGE_ACTIONS = ("warn", "stop")
+"""What :class:`LeakageMonitor` does when re-identification is above its threshold."""
+
+_MIN_HELD_OUT = 4
+
+
+@dataclass(frozen=True)
+class LeakageEstimate:
+    """One round's leakage estimate (see :class:`LeakageMonitor`).
+
+    Attributes
+    ----------
+    server_round : int
+        The round after which the client half was attacked.
+    reidentification : float
+        Share of held-out auxiliary examples re-identified from one release each.
+    chance : float
+        Re-identification by guessing: the mean of one over each example's candidates.
+    explained_variance : float
+        ``1 - sum((reconstruction - input)^2) / sum((input - mean input)^2)`` on the held-out
+        examples.
+    seconds : float
+        Wall time of this estimate (the client half's forward passes and the decoder's steps).
+    exceeded : bool
+        Whether ``reidentification`` is above the monitor's threshold.
+    """
+
+    server_round: int
+    reidentification: float
+    chance: float
+    explained_variance: float
+    seconds: float
+    exceeded: bool
+
+    def metrics(self) -> dict[str, float]:
+        """The estimate as a round's metrics (``leakage-`` keys)."""
+        return {
+            "leakage-reidentification": self.reidentification,
+            "leakage-reidentification-chance": self.chance,
+            "leakage-explained-variance": self.explained_variance,
+            "leakage-monitor-seconds": self.seconds,
+        }
+
+
+class LeakageMonitor:
+    """Estimate after each round how much the merged client half's activations reveal of the
+    inputs, as the split server's own process could; warn or stop above a threshold.
+
+    Pass it to :class:`~splitfed.SplitFed` (``leakage_monitor=``); the strategy calls
+    :meth:`measure` after each merged round and adds the estimate to the round's metrics.
+
+    Parameters
+    ----------
+    auxiliary_inputs : torch.Tensor
+        Inputs the server holds from the clients' domain (public or its own data, never the
+        clients'), batch first, as the client half takes them. A share of them
+        (``holdout_fraction``) is attacked, the rest trains the decoder.
+    auxiliary_labels : torch.Tensor | None (default: None)
+        Their class ids. With labels, re-identification picks among held-out examples of the
+        same class, as an attacker who receives the labels can (the plain split sends them).
+    privacy : PrivacyConfig | None (default: None)
+        The clients' defense; the decoder trains on fresh draws of its clipping and noise, and
+        each held-out example is attacked from one draw (one release).
+    threshold : float | None (default: None)
+        Re-identification above this share is reported as a ``PRIVACY`` warning, and stops the
+        run with ``action="stop"``; ``None`` only measures.
+    action : str (default: "warn")
+        ``"warn"`` or ``"stop"`` (the strategy ends the run after the round that crossed).
+    every : int (default: 1)
+        Measure every this many rounds (and after the last).
+    steps_per_round : int (default: 200)
+        Decoder steps per measured round, on batches of ``batch_size`` auxiliary examples.
+    batch_size : int (default: 64)
+        Decoder batch size.
+    learning_rate : float (default: 1e-3)
+        The decoder's Adam learning rate.
+    holdout_fraction : float (default: 0.25)
+        Share of the auxiliary inputs attacked rather than trained on.
+    decoder : nn.Module | None (default: None)
+        Maps a batch of activations to a batch of inputs. ``None``: a multilayer perceptron
+        (activations flattened, one hidden layer of 512, outputs shaped as the inputs).
+    seed : int (default: 0)
+        Seeds the held-out choice, the decoder's batches and its noise draws.
+    """
+
+    def __init__(
+        self,
+        *,
+        auxiliary_inputs: torch.Tensor,
+        auxiliary_labels: torch.Tensor | None = None,
+        privacy: PrivacyConfig | None = None,
+        threshold: float | None = None,
+        action: str = "warn",
+        every: int = 1,
+        steps_per_round: int = 200,
+        batch_size: int = 64,
+        learning_rate: float = 1e-3,
+        holdout_fraction: float = 0.25,
+        decoder: nn.Module | None = None,
+        seed: int = 0,
+    ) -> None:
+        if (
+            not isinstance(auxiliary_inputs, torch.Tensor)
+            or not auxiliary_inputs.is_floating_point()
+        ):
+            raise TypeError(
+                "auxiliary_inputs must be a floating-point tensor of inputs, batch first, as "
+                f"the client half takes them; got {_describe(auxiliary_inputs)}. For a model "
+                "with several inputs, wrap the client half so that it takes one tensor"
+            )
+        if not torch.isfinite(auxiliary_inputs).all():
+            raise ValueError("auxiliary_inputs hold NaN or infinite values; drop those examples")
+        held_out = int(round(len(auxiliary_inputs) * holdout_fraction))
+        if not 0 < holdout_fraction < 1 or held_out < _MIN_HELD_OUT:
+            raise ValueError(
+                f"holdout_fraction={holdout_fraction} of {len(auxiliary_inputs)} auxiliary inputs "
+                f"holds out {held_out}; it must be in (0, 1) and hold out at least "
+                f"{_MIN_HELD_OUT}, with some left to train on: pass more inputs"
+            )
+        if len(auxiliary_inputs) - held_out < 1:
+            raise ValueError("holdout_fraction leaves no auxiliary input to train the decoder on")
+        if (
+            auxiliary_labels is not None
+            and auxiliary_labels.shape[:1] != auxiliary_inputs.shape[:1]
+        ):
+            raise ValueError(
+                f"auxiliary_labels has {len(auxiliary_labels)} entries for "
+                f"{len(auxiliary_inputs)} auxiliary inputs; give one label per input"
+            )
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ValueError(f"threshold is a share of examples in [0, 1] or None; got {threshold}")
+        if action not in LEAKAGE_ACTIONS:
+            raise ValueError(f"action={action!r} is not known; use 'warn' or 'stop'")
+        for name, value in (
+            ("every", every),
+            ("steps_per_round", steps_per_round),
+            ("batch_size", batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+        self.privacy = privacy or PrivacyConfig()
+        self.threshold = threshold
+        self.action = action
+        self.every = every
+        self.steps_per_round = steps_per_round
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.history: list[LeakageEstimate] = []
+        self._generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(auxiliary_inputs), generator=self._generator)
+        self._held_out, self._train = order[:held_out], order[held_out:]
+        self._inputs = auxiliary_inputs.detach()
+        self._labels = auxiliary_labels.detach() if auxiliary_labels is not None else None
+        self._decoder = decoder
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._candidates = self._same_label_mask()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the last estimate crossed the threshold with ``action="stop"``."""
+        return self.action == "stop" and bool(self.history) and self.history[-1].exceeded
+
+    def due(self, server_round: int, num_rounds: int) -> bool:
+        """Whether ``server_round`` is measured (every ``every`` rounds, and the last)."""
+        return server_round % self.every == 0 or server_round == num_rounds
+
+    def bind(self, client_half: nn.Module, *, activation_shape: tuple[int, ...]) -> None:
+        """Check that the client half takes the auxiliary inputs and releases
+        ``activation_shape``, and build the default decoder for it."""
+        with torch.no_grad():
+            try:
+                activations = client_half(self._inputs[:2])
+            except Exception as err:
+                raise ValueError(
+                    f"the client half cannot run on auxiliary_inputs of shape "
+                    f"{tuple(self._inputs.shape)} ({type(err).__name__}: {err}); give the "
+                    "inputs the client half takes, batch first"
+                ) from err
+        if not isinstance(activations, torch.Tensor) or tuple(activations.shape[1:]) != tuple(
+            activation_shape
+        ):
+            raise ValueError(
+                f"the client half turns auxiliary_inputs into {_describe(activations)}, not the "
+                f"split's activations of shape {tuple(activation_shape)}; give the inputs the "
+                "clients train on"
+            )
+        if self._decoder is None:
+            self._decoder = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(math.prod(activation_shape), 512),
+                nn.ReLU(),
+                nn.Linear(512, math.prod(self._inputs.shape[1:])),
+                nn.Unflatten(1, tuple(self._inputs.shape[1:])),
+            )
+        self._optimizer = torch.optim.Adam(self._decoder.parameters(), lr=self.learning_rate)
+
+    def measure(self, server_round: int, client_half: nn.Module) -> LeakageEstimate:
+        """Attack ``client_half`` (the round's merged one): train the decoder further, then
+        re-identify the held-out examples from one release each. Logs the estimate, and a
+        ``PRIVACY`` warning above the threshold."""
+        if self._decoder is None or self._optimizer is None:
+            raise RuntimeError("bind() the monitor to the split before measure()")
+        started = time.perf_counter()
+        training = client_half.training
+        # Released activations are computed in training mode (dropout, batch statistics).
+        client_half.train()
+        try:
+            with torch.no_grad():
+                released = torch.cat(
+                    [client_half(chunk) for chunk in self._inputs.split(4 * self.batch_size)]
+                )
+        finally:
+            client_half.train(training)
+        self._train_decoder(released[self._train])
+        self._decoder.eval()
+        with torch.no_grad():
+            held_out = self._inputs[self._held_out]
+            reconstructions = self._decoder(self._release(released[self._held_out]))
+        self._decoder.train()
+        reidentified, chance = self._reidentify(held_out, reconstructions)
+        residual = (reconstructions - held_out).pow(2).sum()
+        spread = (held_out - held_out.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+        estimate = LeakageEstimate(
+            server_round=server_round,
+            reidentification=reidentified,
+            chance=chance,
+            explained_variance=float(1 - residual / spread),
+            seconds=time.perf_counter() - started,
+            exceeded=self.threshold is not None and reidentified > self.threshold,
+        )
+        self.history.append(estimate)
+        log(
+            INFO,
+            "[SplitFed] leakage after round %d: re-identification %.3f (chance %.3f), explained "
+            "variance %.3f, from %d held-out auxiliary examples (%.2f s)",
+            server_round,
+            estimate.reidentification,
+            estimate.chance,
+            estimate.explained_variance,
+            len(self._held_out),
+            estimate.seconds,
+        )
+        if estimate.exceeded:
+            log(
+                WARNING,
+                "PRIVACY: after round %d the split server re-identifies %.3f of held-out examples "
+                "from their activations, above the threshold %.3f (chance %.3f)%s. Cut deeper, "
+                "or raise the smashed-data clipping and noise (docs/privacy.md)",
+                server_round,
+                estimate.reidentification,
+                self.threshold,
+                estimate.chance,
+                "; stopping the run" if self.action == "stop" else "",
+            )
+        return estimate
+
+    # -- the attack ------------------------------------------------------------------------------
+
+    def _release(self, activations: torch.Tensor) -> torch.Tensor:
+        """One fresh draw of the clients' mechanism (the identity without clipping)."""
+        return self.privacy.protect_smashed(activations, generator=self._generator)
+
+    def _train_decoder(self, released: torch.Tensor) -> None:
+        assert self._decoder is not None and self._optimizer is not None
+        targets = self._inputs[self._train]
+        for _ in range(self.steps_per_round):
+            batch = torch.randint(
+                len(targets), (min(self.batch_size, len(targets)),), generator=self._generator
+            )
+            loss = nn.functional.mse_loss(
+                self._decoder(self._release(released[batch])), targets[batch]
+            )
+            self._optimizer.zero_grad()
+            loss.backward()
+            self._optimizer.step()
+
+    def _same_label_mask(self) -> torch.Tensor:
+        """``[i, j]``: whether held-out example j is a candidate for reconstruction i."""
+        count = len(self._held_out)
+        if self._labels is None:
+            return torch.ones(count, count, dtype=torch.bool)
+        labels = self._labels[self._held_out]
+        return labels[:, None] == labels[None, :]
+
+    def _reidentify(
+        self, originals: torch.Tensor, reconstructions: torch.Tensor
+    ) -> tuple[float, float]:
+        distances = torch.cdist(reconstructions.flatten(1).double(), originals.flatten(1).double())
+        distances = distances.masked_fill(~self._candidates, math.inf)
+        hits = distances.argmin(dim=1) == torch.arange(len(originals))
+        chance = (1.0 / self._candidates.sum(dim=1).double()).mean()
+        return float(hits.double().mean()), float(chance)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"

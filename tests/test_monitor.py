@@ -1,0 +1,170 @@
+"""The leakage monitor: its attack against cases whose answer is known, its errors, its threshold,
+and a run it stops under `flwr run`."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from splitfed import LeakageMonitor, PrivacyConfig
+
+FEATURES = 16
+
+
+def gaussian_inputs(count: int = 400, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, FEATURES, generator=torch.Generator().manual_seed(seed))
+
+
+def invertible_client_half(seed: int = 1) -> nn.Module:
+    """A linear map of full rank: its activations determine the inputs exactly."""
+    torch.manual_seed(seed)
+    half = nn.Linear(FEATURES, FEATURES)
+    with torch.no_grad():
+        half.weight.copy_(torch.eye(FEATURES) + 0.1 * torch.randn(FEATURES, FEATURES))
+    return half
+
+
+def bound_monitor(half: nn.Module, **kwargs) -> LeakageMonitor:
+    monitor = LeakageMonitor(auxiliary_inputs=gaussian_inputs(), **kwargs)
+    monitor.bind(half, activation_shape=(FEATURES,))
+    return monitor
+
+
+def test_an_invertible_client_half_leaks_every_held_out_example():
+    half = invertible_client_half()
+    monitor = bound_monitor(half, steps_per_round=300)
+    first = monitor.measure(1, half)
+    second = monitor.measure(2, half)
+    # 100 held-out examples without labels: chance is 1/100.
+    assert first.chance == pytest.approx(0.01)
+    # The decoder goes on training from round to round, as an attacker's would.
+    assert second.explained_variance > first.explained_variance
+    assert second.explained_variance > 0.9
+    assert second.reidentification >= 0.95
+    assert [e.server_round for e in monitor.history] == [1, 2]
+
+
+def test_activations_drowned_in_noise_leak_no_more_than_chance():
+    half = invertible_client_half()
+    # Clipped to norm 1 and noised with sigma 20: about 80 times the signal per coordinate.
+    privacy = PrivacyConfig(smashed_clip_norm=1.0, smashed_noise_multiplier=20.0)
+    monitor = bound_monitor(half, privacy=privacy, steps_per_round=300)
+    estimate = monitor.measure(1, half)
+    assert estimate.reidentification <= 5 * estimate.chance
+    assert estimate.explained_variance < 0.1
+
+
+def test_a_client_half_that_forgets_its_input_leaks_nothing():
+    # Its activations are constant: no decoder can tell two examples apart.
+    half = nn.Linear(FEATURES, FEATURES)
+    nn.init.zeros_(half.weight)
+    monitor = bound_monitor(half, steps_per_round=50)
+    estimate = monitor.measure(1, half)
+    assert estimate.reidentification <= 0.05
+    assert estimate.explained_variance < 0.05
+
+
+def test_with_labels_reidentification_picks_among_the_same_class():
+    inputs = gaussian_inputs()
+    labels = torch.arange(len(inputs)) % 4
+    monitor = LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels, seed=3)
+    held_out = labels[monitor._held_out]
+    expected = sum(1 / int((held_out == label).sum()) for label in held_out) / len(held_out)
+    half = invertible_client_half()
+    monitor.bind(half, activation_shape=(FEATURES,))
+    estimate = monitor.measure(1, half)
+    assert estimate.chance == pytest.approx(expected)
+    # Four classes among 100 examples: about 1/25, far above the label-blind 1/100.
+    assert 0.03 < estimate.chance < 0.06
+
+
+def test_the_threshold_warns_and_with_stop_stops(caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    half = invertible_client_half()
+    warns = bound_monitor(half, steps_per_round=200, threshold=0.1)
+    assert warns.measure(1, half).exceeded and not warns.stopped
+    assert "PRIVACY: after round 1 the split server re-identifies" in caplog.text
+    stops = bound_monitor(half, steps_per_round=200, threshold=0.1, action="stop")
+    stops.measure(1, half)
+    assert stops.stopped
+    calm = bound_monitor(half, steps_per_round=1, threshold=1.0, action="stop")
+    assert not calm.measure(1, half).exceeded and not calm.stopped
+
+
+def test_measured_rounds_follow_every_and_include_the_last():
+    monitor = LeakageMonitor(auxiliary_inputs=gaussian_inputs(), every=3)
+    assert [r for r in range(1, 8) if monitor.due(r, 7)] == [3, 6, 7]
+
+
+def test_measuring_leaves_the_client_half_as_it_was():
+    half = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES), nn.Dropout(0.5))
+    half.eval()
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    monitor = bound_monitor(half, steps_per_round=5)
+    monitor.measure(1, half)
+    assert not half.training
+    for key, value in half.state_dict().items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in half.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"auxiliary_inputs": torch.zeros(40, 4, dtype=torch.int64)}, "floating-point tensor"),
+        ({"auxiliary_inputs": torch.full((40, 4), float("nan"))}, "NaN"),
+        ({"auxiliary_inputs": torch.zeros(8, 4)}, "hold out at least 4"),
+        (
+            {"auxiliary_inputs": torch.zeros(40, 4), "auxiliary_labels": torch.zeros(39)},
+            "39 entries for 40",
+        ),
+        ({"auxiliary_inputs": torch.zeros(40, 4), "threshold": 2.0}, "in [0, 1]"),
+        ({"auxiliary_inputs": torch.zeros(40, 4), "action": "abort"}, "'warn' or 'stop'"),
+        ({"auxiliary_inputs": torch.zeros(40, 4), "every": 0}, "every must be at least 1"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_fix(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=_escaped(message)):
+        LeakageMonitor(**kwargs)
+
+
+def test_inputs_the_client_half_cannot_take_are_refused_at_bind():
+    monitor = LeakageMonitor(auxiliary_inputs=torch.zeros(40, 5))
+    with pytest.raises(ValueError, match="cannot run on auxiliary_inputs of shape"):
+        monitor.bind(nn.Linear(FEATURES, 8), activation_shape=(8,))
+    with pytest.raises(ValueError, match=r"not the split's activations of shape \(8,\)"):
+        monitor.bind(nn.Linear(5, 7), activation_shape=(8,))
+    with pytest.raises(RuntimeError, match="bind"):
+        monitor.measure(1, nn.Linear(5, 8))
+
+
+def _escaped(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.slow
+def test_the_app_stops_a_run_whose_leakage_crosses_the_threshold(launch):
+    # Undefended SFLV1 after `pool`: one round is enough for the decoder to re-identify far
+    # more than 30% of held-out digits (chance about 1/9 among the same class).
+    result = launch(
+        run_config={
+            "num-server-rounds": 3,
+            "leakage-monitor": True,
+            "leakage-threshold": 0.3,
+            "leakage-action": "stop",
+        },
+        num_supernodes=2,
+    )
+    assert result.completed, result.failure_report()
+    assert sorted(result.metrics) == [1], result.metrics
+    first = result.metrics[1]
+    assert first["leakage-reidentification"] > 0.3 > first["leakage-reidentification-chance"]
+    assert first["leakage-monitor-seconds"] > 0
+    assert "run stopped after round 1 of 3" in result.log
+    assert (result.output_dir / "metrics.png").exists()
