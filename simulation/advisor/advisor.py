@@ -121,7 +121,7 @@ def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """The advisor's rows as a fixed-width table, one line per cut."""
     header = (
-        f"{'cut':12s} {'activations':>11s} {'client params':>15s} {'client MFLOPs':>15s} "
+        f"{'cut':12s} {'activations':>11s} {'client params':>16s} {'client MFLOPs':>16s} "
         f"{'client mem':>11s} {'B/sample':>9s} {'accuracy':>12s} {'SSIM':>12s} {'judge':>12s} "
         f"{'re-id':>12s}"
     )
@@ -130,8 +130,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         shape = "x".join(map(str, row["activation_shape"] or [])) or "-"
         lines.append(
             f"{row['cut']:12s} {shape:>11s} "
-            f"{row['client_parameters']:>7,d} ({row['client_share']:>5.1%}) "
-            f"{row['client_flops'] / 1e6:>7.2f} ({row['client_flops_share']:>5.1%}) "
+            f"{row['client_parameters']:>7,d} ({row['client_share']:>6.1%}) "
+            f"{row['client_flops'] / 1e6:>7.2f} ({row['client_flops_share']:>6.1%}) "
             f"{_fmt_bytes(row['client_memory_bytes']):>11s} {row['bytes_per_sample']:>9,d} "
             f"{_pm(row, 'test_accuracy'):>12s} {_pm(row, 'ssim'):>12s} "
             f"{_pm(row, 'judge_accuracy'):>12s} {_pm(row, 'reidentification'):>12s}"
@@ -194,7 +194,9 @@ def plot(rows: list[dict[str, Any]], floor: dict[str, float] | None, path: Path)
             marker="o",
             linestyle="none",
         )
-    accuracy.set_ylabel("test accuracy")
+    else:
+        accuracy.text(0.5, 0.5, "not trained", ha="center", transform=accuracy.transAxes)
+    accuracy.set_ylabel("test accuracy (mean ± std over seeds)")
     accuracy.set_title("Accuracy after the short run")
 
     attacked = [(i, r) for i, r in enumerate(rows) if "ssim" in r]
@@ -217,9 +219,12 @@ def plot(rows: list[dict[str, Any]], floor: dict[str, float] | None, path: Path)
         )
         for key, value, label in floors:
             leakage.axhline(value, color=colours[key], linestyle=":", label=label)
+    if not attacked:
+        leakage.text(0.5, 0.5, "not attacked", ha="center", transform=leakage.transAxes)
+    else:
+        leakage.legend(fontsize=7)
     leakage.set_ylim(0, 1.05)
     leakage.set_title("Decoder attack on the activations (floors dotted)")
-    leakage.legend(fontsize=7)
 
     for axis in axes.flat:
         axis.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
@@ -330,6 +335,13 @@ def _run(
     rows = [cost.as_dict() for cost in costs]
     runs: list[dict[str, Any]] = []
     audited = args.model == _AUDITED
+    examples = len(private_and_auxiliary(seeds[0])[0]) if audited else None
+    for row in rows:
+        # What travels: the client's state to and from the aggregator each round, and the cut's
+        # bytes for every training example each epoch.
+        row["state_bytes_per_round"] = 2 * row["client_state_bytes"]
+        if examples is not None:
+            row["data_plane_bytes_per_epoch"] = row["bytes_per_sample"] * examples
     if not audited:
         print(f"--model {args.model}: costs only, the audit trains and attacks the digits CNN")
     for index, row in enumerate(rows if audited else [], start=1):
@@ -374,6 +386,7 @@ def _run(
         "settings": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "quick")},
             "quick": args.quick,
+            "client_examples": examples,
             "sample_input_shape": list(SAMPLE_INPUT_SHAPE),
             "batch_size": BATCH_SIZE,
             "optimizer": "SGD(lr=0.05, momentum=0.9)",
