@@ -15,12 +15,16 @@ from simulation.audit.audit import (
     Defense,
     app_accuracy,
     attack,
+    averaged_mechanism,
     cluster_attack_accuracy,
     cosine_attack_auc,
     digits_split,
     fit_judge,
     head_forward_accuracy,
     judge_accuracy,
+    link_releases,
+    linked_average,
+    linking_chance,
     load_digits,
     main,
     norm_attack_auc,
@@ -112,6 +116,97 @@ def test_head_forward_accuracy_is_the_share_of_labels_the_head_gives():
         head.bias.zero_()
     assert head_forward_accuracy(head, nn.Identity(), activations, labels) == pytest.approx(0.7)
     assert head.training  # its mode is restored
+
+
+def _epochs_of_releases(signal, epochs, noise, rng):
+    """``epochs`` releases of every row of ``signal`` with Gaussian noise, each epoch in its own
+    order; returns the releases in arrival order and the orders."""
+    orders = [rng.permutation(len(signal)) for _ in range(epochs)]
+    releases = [signal[o] + rng.normal(0, noise, signal.shape) for o in orders]
+    return releases, orders
+
+
+def test_averaging_releases_linked_by_the_attacker_divides_the_noise_by_their_number():
+    rng = np.random.default_rng(0)
+    signal = rng.normal(0, 3.0, (60, 64))  # examples far apart: every link is right
+    labels = np.arange(60) % 3
+    releases, orders = _epochs_of_releases(signal, 8, 0.5, rng)
+    means, links = linked_average(releases, [labels[o] for o in orders])
+    last = orders[-1]
+    for epoch, chain in enumerate(links):
+        assert (orders[epoch][chain] == last).all()
+    one = ((releases[-1] - signal[last]) ** 2).mean()
+    averaged = ((means - signal[last]) ** 2).mean()
+    assert one == pytest.approx(0.25, rel=0.1)
+    assert averaged == pytest.approx(0.25 / 8, rel=0.15)  # variance over K releases
+
+
+def test_linking_releases_of_pure_noise_stays_near_chance():
+    rng = np.random.default_rng(0)
+    labels = np.arange(400) % 10
+    queries, candidates = rng.normal(size=(400, 32)), rng.normal(size=(400, 32))
+    chance = linking_chance(labels, labels)
+    assert chance == pytest.approx(1 / 40)
+    links = link_releases(queries, candidates, labels, labels)
+    assert (labels[links] == labels).all()  # only releases of the same label are linked
+    assert (links == np.arange(400)).mean() < 3 * chance
+    # Copies with a little noise link exactly, one-to-one or greedily.
+    copies = queries + rng.normal(0, 0.01, queries.shape)
+    permutation = rng.permutation(400)
+    for one_to_one in (True, False):
+        found = link_releases(
+            queries, copies[permutation], labels, labels[permutation], one_to_one=one_to_one
+        )
+        assert (permutation[found] == np.arange(400)).all()
+
+
+def test_one_to_one_linking_gives_each_candidate_to_one_query():
+    queries = np.array([[0.0], [1.0]])
+    candidates = np.array([[0.4], [3.0]])
+    assert link_releases(queries, candidates, one_to_one=False).tolist() == [0, 0]
+    assert link_releases(queries, candidates).tolist() == [0, 1]
+    # A nearer candidate of another label is not linked.
+    labelled = link_releases(queries, candidates, np.array([0, 0]), np.array([1, 0]))
+    assert labelled.tolist() == [1, 1]
+
+
+def test_the_mean_of_k_releases_has_the_averaged_mechanisms_noise():
+    privacy = PrivacyConfig(smashed_clip_norm=1.0, smashed_noise_multiplier=0.4)
+    assert averaged_mechanism(privacy, 16).smashed_noise_multiplier == pytest.approx(0.1)
+    assert averaged_mechanism(privacy, 16).smashed_clip_norm == 1.0
+    clean = torch.full((1, 4096), 0.01)
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.stack(
+        [privacy.protect_smashed(clean, generator=generator) for _ in range(16)]
+    ).mean(0)
+    once = averaged_mechanism(privacy, 16).protect_smashed(clean, generator=generator)
+    assert float((mean - clean).std()) == pytest.approx(0.1, rel=0.05)
+    assert float((once - clean).std()) == pytest.approx(0.1, rel=0.05)
+
+
+def test_the_audit_records_every_release_and_links_undefended_ones_well():
+    trained = train_configuration("pool", Defense.parse("none"), 0, epochs=3)
+    releases, orders = trained.recorder.releases, trained.recorder.arrival_orders()
+    assert releases is not None and releases.shape[:2] == (3, 718)
+    assert not releases.isnan().any()  # every example released once in every epoch
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(718))
+    assert not torch.equal(orders[0], orders[1])
+    run, _ = attack(trained, decoder_epochs=2, attack_examples=60, link_epochs=3)
+    assert run.linking_chance == pytest.approx(1 / 72, rel=0.2)
+    assert run.linking_accuracy > 10 * run.linking_chance
+    assert len(run.linking_accuracy_by_epoch) == 2
+    for key in ("linked_", "oracle_linked_"):
+        for figure in ("ssim", "judge_accuracy", "reidentification"):
+            assert 0 <= getattr(run, key + figure) <= 1
+    assert run.oracle_linked_reidentification > 0.3  # chance is 10/60
+    # One epoch: nothing to link.
+    single = attack(
+        train_configuration("pool", Defense.parse("noise:0.1"), 0, epochs=1),
+        decoder_epochs=1,
+        attack_examples=30,
+    )[0]
+    assert np.isnan(single.linking_accuracy) and np.isnan(single.oracle_linked_ssim)
 
 
 def test_the_judge_recognises_digits_and_not_the_mean_digit():
@@ -218,6 +313,20 @@ def test_audit_command_quick_run_writes_report_and_plots(tmp_path):
     assert rows[("pool", "none")]["reidentification"] > 2 * floor["reidentification_chance"]
     assert floor["class_mean_ssim"] > floor["ssim"]  # knowing the labels is worth something
     assert 0 <= rows[("pool", "label-noise:0")]["cosine_auc"] <= 1
+    for row in (rows[("pool", "none")], rows[("pool", "noise:0.1")]):
+        for key in (
+            "linking_accuracy",
+            "linked_ssim",
+            "linked_judge_accuracy",
+            "linked_reidentification",
+            "oracle_linked_ssim",
+            "oracle_linked_judge_accuracy",
+            "oracle_linked_reidentification",
+        ):
+            assert isinstance(row[key], float) and 0 <= row[key] <= 1, key
+        assert row["linking_accuracy"] > row["linking_chance"]
+    assert (tmp_path / "linking.png").stat().st_size > 0
+    assert "linking accuracy" in (tmp_path / "tables.md").read_text()
     assert {(h["partitioner"], h["heads"]) for h in written["heads"]} == {
         ("iid", "shared"),
         ("iid", "local"),
