@@ -185,6 +185,7 @@ class LeakageMonitor:
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.history: list[LeakageEstimate] = []
+        self._seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(auxiliary_inputs), generator=self._generator)
         self._held_out, self._train = order[:held_out], order[held_out:]
@@ -224,13 +225,17 @@ class LeakageMonitor:
                 "clients train on"
             )
         if self._decoder is None:
-            self._decoder = nn.Sequential(
-                nn.Flatten(),
-                nn.Linear(math.prod(activation_shape), 512),
-                nn.ReLU(),
-                nn.Linear(512, math.prod(self._inputs.shape[1:])),
-                nn.Unflatten(1, tuple(self._inputs.shape[1:])),
-            )
+            # Initialised from the monitor's seed, leaving the process's random state alone:
+            # watching a run must not change it.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._seed)
+                self._decoder = nn.Sequential(
+                    nn.Flatten(),
+                    nn.Linear(math.prod(activation_shape), 512),
+                    nn.ReLU(),
+                    nn.Linear(512, math.prod(self._inputs.shape[1:])),
+                    nn.Unflatten(1, tuple(self._inputs.shape[1:])),
+                )
         self._optimizer = torch.optim.Adam(self._decoder.parameters(), lr=self.learning_rate)
 
     def measure(self, server_round: int, client_half: nn.Module) -> LeakageEstimate:

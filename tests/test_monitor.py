@@ -94,6 +94,21 @@ def test_the_threshold_warns_and_with_stop_stops(caplog):
     assert not calm.measure(1, half).exceeded and not calm.stopped
 
 
+def test_watching_leaves_the_process_random_state_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    half = invertible_client_half()  # seeds 1 itself; reseed after it
+    torch.manual_seed(7)
+    monitor = bound_monitor(
+        half,
+        steps_per_round=3,
+        privacy=PrivacyConfig(smashed_clip_norm=1.0, smashed_noise_multiplier=0.5),
+    )
+    monitor.measure(1, half)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_measured_rounds_follow_every_and_include_the_last():
     monitor = LeakageMonitor(auxiliary_inputs=gaussian_inputs(), every=3)
     assert [r for r in range(1, 8) if monitor.due(r, 7)] == [3, 6, 7]
