@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from splitfed import CutError
 from splitfed.advisor import WHOLE_MODEL, CutCost, cut_costs
-from splitfed.graph import CutError
 from splitfed.privacy import ClientSecret
 
 from ..app.models import MODELS, build_model, digits_cnn
