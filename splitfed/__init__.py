@@ -9,6 +9,7 @@ server-half update rules) lives in this package's modules; the Flower strategy i
 :mod:`splitfed.strategies`, which builds on the core and is never imported by it.
 """
 
+from .advisor import CutCost, cut_costs
 from .batched import BatchedSFLV1Trainer
 from .checkpoint import CheckpointConfig, CheckpointError
 from .client import evaluate_client_half, train_client_half
@@ -55,6 +56,7 @@ __all__ = [
     "BatchSpec",
     "CheckpointConfig",
     "CheckpointError",
+    "CutCost",
     "CutError",
     "CutPoint",
     "DataPlane",
@@ -87,6 +89,7 @@ __all__ = [
     "TLSError",
     "TrainStats",
     "Variant",
+    "cut_costs",
     "cut_points",
     "default_aux_head",
     "evaluate_client_half",
