@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from simulation.benchmark.benchmark import main
-from simulation.benchmark.measure import frame_bytes, state_bytes, training_cost
+from simulation.benchmark.measure import frame_bytes, state_bytes
 from simulation.benchmark.models import WORKLOADS, batches, synthetic_partition
+from splitfed import cut_costs
 
 
 @pytest.mark.parametrize(("name", "activation_shape"), [("W1", (6, 14, 14)), ("W2", (16, 32, 32))])
@@ -40,17 +41,16 @@ def test_frame_bytes_shrink_with_compression_as_the_codecs_say() -> None:
 
 
 def test_client_half_costs_a_fraction_of_the_full_model() -> None:
-    split = WORKLOADS["W1"].split()
+    workload = WORKLOADS["W1"]
     inputs = torch.randn(4, 1, 28, 28)
-    client = training_cost(split.client_half, inputs, output_grad=True)
-    full = training_cost(split.full_model(), inputs, output_grad=False)
-    assert client.parameters == 6 * 25 + 6
-    assert full.parameters == sum(p.numel() for p in split.full_model().parameters())
-    assert 0 < client.flops_per_sample < full.flops_per_sample
-    # conv1 forward alone: 28 * 28 * 6 outputs of 25 multiply-adds.
-    assert client.flops_per_sample >= 2 * 28 * 28 * 6 * 25
-    assert 0 < client.training_memory_bytes < full.training_memory_bytes
-    assert state_bytes(split.client_half) == 156 * 4
+    client, full = cut_costs(workload.build(), sample_input=inputs, cuts=[workload.cut])
+    assert client.client_parameters == 6 * 25 + 6
+    assert full.client_parameters == sum(p.numel() for p in workload.build().parameters())
+    # conv1 forward alone: 28 * 28 * 6 outputs of 25 multiply-adds, 2 FLOPs each.
+    assert client.client_flops >= 2 * 28 * 28 * 6 * 25
+    assert 0 < client.client_flops < full.client_flops
+    assert 0 < client.client_memory_bytes < full.client_memory_bytes
+    assert state_bytes(workload.split().client_half) == client.client_state_bytes == 156 * 4
 
 
 @pytest.mark.slow

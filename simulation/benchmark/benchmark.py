@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from splitfed import cut_costs
 from splitfed.wire import COMPRESSIONS
 
 from .measure import (
@@ -43,11 +44,10 @@ from .measure import (
     measure_step,
     message_per_batch,
     state_bytes,
-    training_cost,
 )
 from .models import WORKLOADS, synthetic_partition
 from .network import run_network
-from .stats import NOISE_BOUND, Repeated, machine
+from .stats import NOISE_BOUND, Repeated, machine, ratio
 
 __all__ = ["SECTIONS", "main"]
 
@@ -56,6 +56,7 @@ SECTIONS = (
     "overhead",
     "messages",
     "rounds",
+    "monitor",
     "bytes",
     "cost",
     "network",
@@ -231,6 +232,51 @@ def run_rounds(report: Report, *, quick: bool, out_dir: Path | None) -> None:
         report.say(f"\nRound time against clients: {out_dir / 'round_time.png'}")
 
 
+def run_monitor(report: Report, *, quick: bool, repeats: int) -> None:
+    """What the leakage monitor adds to the demo's round: the same app run with it on and off,
+    alternated, in this process on the same data."""
+    from .rounds import app_round_metrics  # noqa: PLC0415
+
+    clients, rounds = (2, 3) if quick else (10, 6)
+    keys = ("round-wall-seconds", "leakage-monitor-seconds")
+    off, on, monitor = Repeated(), Repeated(), Repeated()
+    for _ in range(repeats):
+        for watched, wall in ((False, off), (True, on)):
+            figures = app_round_metrics(
+                "v1",
+                num_clients=clients,
+                rounds=rounds,
+                clients_at_once=min(clients, 4),
+                run_config={"leakage-monitor": watched},
+                keys=keys if watched else keys[:1],
+            )
+            # Each run's steady rounds: its best round stands for the run.
+            wall.add(figures["round-wall-seconds"].min)
+            if watched:
+                monitor.add(figures["leakage-monitor-seconds"].min)
+        report.out(f"  measured the monitor's cost, repeat {len(off.values)} of {repeats}")
+    report.figures["monitor"] = {
+        "round_without": off.as_dict(),
+        "round_with": on.as_dict(),
+        "monitor_seconds": monitor.as_dict(),
+    }
+    report.table(
+        f"The leakage monitor's cost (SFLV1, {clients} clients, digits, 200 decoder steps on "
+        f"270 of the ServerApp's test digits, 90 attacked): seconds per steady round, each "
+        f"run's best of {rounds - 1} rounds, min (median, spread) of {repeats} runs each way",
+        ["round without", "round with", "monitor alone", "with / without", "monitor / without"],
+        [
+            [
+                off.show(),
+                on.show(),
+                monitor.show(),
+                ratio(on, off).show(),
+                ratio(monitor, off).show(),
+            ]
+        ],
+    )
+
+
 def _plot_rounds(series: dict[str, dict[int, Repeated]], path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -281,17 +327,20 @@ def run_bytes_and_cost(report: Report, *, sections: set[str], workloads: Sequenc
                 ]
             )
         inputs = synthetic_partition(workload, client=0, samples=workload.batch_size)[0]
-        client_cost = training_cost(split.client_half, inputs, output_grad=True)
-        full_cost = training_cost(full, inputs, output_grad=False)
+        client_cost, full_cost = cut_costs(
+            workload.build(),
+            sample_input=inputs,
+            cuts=[workload.cut],
+            batch_size=workload.batch_size,
+        )
         cost_rows.append(
             [
                 name,
-                f"{client_cost.parameters:,} / {full_cost.parameters:,}",
-                f"{client_cost.flops_per_sample / 1e6:,.2f} / "
-                f"{full_cost.flops_per_sample / 1e6:,.2f}",
-                f"{client_cost.training_memory_bytes / 2**20:,.2f} / "
-                f"{full_cost.training_memory_bytes / 2**20:,.2f}",
-                f"{client_cost.flops_per_sample / full_cost.flops_per_sample:.1%}",
+                f"{client_cost.client_parameters:,} / {full_cost.client_parameters:,}",
+                f"{client_cost.client_flops / 1e6:,.2f} / {full_cost.client_flops / 1e6:,.2f}",
+                f"{client_cost.client_memory_bytes / 2**20:,.2f} / "
+                f"{full_cost.client_memory_bytes / 2**20:,.2f}",
+                f"{client_cost.client_flops / full_cost.client_flops:.1%}",
             ]
         )
     if "bytes" in sections:
@@ -401,6 +450,8 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
         run_messages(report, repeats=min(repeats, 3))
     if "rounds" in sections:
         run_rounds(report, quick=args.quick, out_dir=args.out)
+    if "monitor" in sections:
+        run_monitor(report, quick=args.quick, repeats=min(repeats, 3))
     if sections & {"bytes", "cost"}:
         run_bytes_and_cost(report, sections=sections, workloads=args.workloads)
     if "scaling" in sections:

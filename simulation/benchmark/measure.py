@@ -32,7 +32,6 @@ from .models import WORKLOADS, Workload, batches, synthetic_partition, weighted_
 from .stats import Repeated
 
 __all__ = [
-    "Cost",
     "Overhead",
     "SplitRun",
     "StepOverhead",
@@ -42,7 +41,6 @@ __all__ = [
     "measure_step",
     "message_per_batch",
     "state_bytes",
-    "training_cost",
 ]
 
 
@@ -380,46 +378,6 @@ def frame_bytes(split: SplitModel, batch_size: int, compression: str) -> int:
 
 def state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-@dataclass
-class Cost:
-    parameters: int
-    flops_per_sample: float
-    training_memory_bytes: int
-
-
-def training_cost(module: nn.Module, inputs: torch.Tensor, *, output_grad: bool) -> Cost:
-    """Parameters, forward+backward FLOPs per sample, and training memory of one step.
-
-    Training memory: parameters, their gradients and SGD momentum, plus every tensor autograd
-    saves for the backward pass (counted once per storage).
-    """
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
-
-    module = copy.deepcopy(module).train()
-    parameters = sum(p.numel() for p in module.parameters())
-    with FlopCounterMode(display=False) as counter:
-        out = module(inputs)
-        loss = (
-            out.square().mean()
-            if output_grad
-            else nn.functional.cross_entropy(out, torch.zeros(len(inputs), dtype=torch.long))
-        )
-        loss.backward()
-    flops = counter.get_total_flops() / len(inputs)
-
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(inputs)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    return Cost(parameters, flops, 3 * param_bytes + sum(saved.values()))
 
 
 # -- the split server's scaling -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from splitfed import make_trainer
 from .models import weighted_average
 from .stats import Repeated
 
-__all__ = ["app_rounds", "sequential_rounds"]
+__all__ = ["app_round_metrics", "app_rounds", "sequential_rounds"]
 
 
 def sequential_rounds(
@@ -89,6 +89,26 @@ def app_rounds(
     The time is measured in the ServerApp between the ends of consecutive rounds, the same way
     for SplitFed and for FedAvg (``variant="fedavg"``).
     """
+    return app_round_metrics(
+        variant,
+        num_clients=num_clients,
+        rounds=rounds,
+        clients_at_once=clients_at_once,
+        run_config=run_config,
+    )["round-wall-seconds"]
+
+
+def app_round_metrics(
+    variant: str,
+    *,
+    num_clients: int,
+    rounds: int,
+    clients_at_once: int,
+    run_config: dict[str, Any] | None = None,
+    keys: tuple[str, ...] = ("round-wall-seconds",),
+) -> dict[str, Repeated]:
+    """Per key, the app's round metric over the rounds of one run (as :func:`app_rounds`),
+    the first round left out."""
     from simulation.launch.simulation_engine import run_app  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as out:
@@ -108,7 +128,8 @@ def app_rounds(
         )
     if not result.completed:
         raise RuntimeError(result.failure_report())
-    seconds = Repeated()
+    figures = {key: Repeated() for key in keys}
     for server_round in sorted(result.metrics)[1:]:
-        seconds.add(result.metrics[server_round]["round-wall-seconds"])
-    return seconds
+        for key in keys:
+            figures[key].add(result.metrics[server_round][key])
+    return figures
