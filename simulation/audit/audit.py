@@ -1388,13 +1388,17 @@ def plot(
 
     linked = [row for row in plain if "linked_reidentification" in row]
     if linked:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(14, 4.4), layout="constrained")
+        figure, (left, right) = plt.subplots(1, 2, figsize=(15, 5), layout="constrained")
+        defenses = sorted({row["defense"] for row in linked})
+        cuts = sorted({row["cut"] for row in linked})
         for row in linked:
             series = row.get("linking_accuracy_by_epoch", [])
             left.plot(
                 range(1, len(series) + 1),
                 series,
                 marker=".",
+                color=f"C{defenses.index(row['defense']) % 10}",
+                linestyle=("-", "--", ":", "-.")[cuts.index(row["cut"]) % 4],
                 label=f"{row['cut']} {row['defense']}",
             )
         left.axhline(linked[0]["linking_chance"], color="grey", linestyle="--", label="chance")
@@ -1416,7 +1420,13 @@ def plot(
                 label=name,
             )
         right.axhline(2 * floor["reidentification_chance"], color="black", linestyle=":")
-        right.set_xticks(x, [f"{row['cut']}\n{row['defense']}" for row in linked], fontsize=6)
+        right.set_xticks(
+            x,
+            [f"{row['cut']} {row['defense']}" for row in linked],
+            fontsize=7,
+            rotation=60,
+            ha="right",
+        )
         right.set_ylabel("re-identification")
         right.set_title("Releases averaged (dotted: 2x chance)")
         right.legend(fontsize=7)
