@@ -13,11 +13,12 @@ auxiliary inputs, and attacks the rest, which stand in for the clients' private 
 - **explained variance** of the held-out inputs by their reconstructions (1 is exact, 0 is no
   better than the mean input).
 
-The decoder keeps training from round to round, as an attacker's would. The estimate is a lower
-bound on what a stronger attacker gets (``python -m simulation.audit`` attacks harder, offline);
-it tracks how leakage moves while the run trains, and a threshold turns it into a warning or a
-stop. It costs the split server's process ``steps_per_round`` decoder steps a measured round,
-timed in ``leakage-monitor-seconds``.
+The decoder keeps training from round to round, as an attacker's would. The estimate is made on
+the server's own data with a small decoder and few steps, so it bounds nothing: an offline
+attack with more data and steps gets more (``python -m simulation.audit``). It tracks how leakage
+moves while the run trains, and a threshold turns it into a warning or a stop. It costs the
+split server's process ``steps_per_round`` decoder steps a measured round, timed in
+``leakage-monitor-seconds``.
 """
 
 from __future__ import annotations
