@@ -293,3 +293,31 @@ def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split
     final = result.metrics[3]
     assert final["test-accuracy"] > 0.9, result.metrics
     assert final["federated-eval-accuracy"] > 0.9, result.metrics
+
+
+def test_client_heads_kept_on_the_clients_never_reach_the_server_app(launch):
+    overrides = {
+        "dataset": "breast-cancer",
+        "model": "mlp",
+        "label-private": True,
+        "client-heads": "local",
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "client-lr": 0.02,
+        "server-lr": 0.02,
+    }
+    result = launch(run_config=overrides, num_supernodes=4)
+    assert result.completed, result.failure_report()
+    final = result.metrics[3]
+    # No whole model in the ServerApp: no central evaluation; the clients evaluate with the
+    # heads they kept, each trained on its own data alone.
+    assert "test-accuracy" not in final
+    assert final["federated-eval-accuracy"] > 0.9, result.metrics
+    assert "final federated accuracy" in result.log
+    assert "client_heads='shared'" not in result.log  # the shared-heads PRIVACY warning
+    saved = torch.load(result.output_dir / "model.pt")
+    config = AppConfig.from_run_config(overrides)
+    split = model_split(config, federated_data(config), client_side=False)
+    head_keys = set(split.client_head.state_dict())
+    assert head_keys and not head_keys & set(saved)
+    assert set(saved) == set(split.full_model().state_dict()) - head_keys

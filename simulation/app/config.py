@@ -19,6 +19,7 @@ import torch
 
 from splitfed import OptimizerConfig, PrivacyConfig, PrivacyConfigError, ServerCopies, Variant
 from splitfed.monitor import LEAKAGE_ACTIONS
+from splitfed.strategies.splitfed import CLIENT_HEADS
 from splitfed.wire import COMPRESSIONS
 
 from .datasets import DataConfigError
@@ -155,6 +156,7 @@ class AppConfig:
     server_device: str = _default("server-device")
     label_private: bool = _default("label-private")
     server_cut: str = _default("server-cut")
+    client_heads: str = _default("client-heads")
     smashed_clip_norm: float = _default("smashed-clip-norm")
     smashed_noise_multiplier: float = _default("smashed-noise-multiplier")
     nopeek_weight: float = _default("nopeek-weight")
@@ -249,6 +251,21 @@ class AppConfig:
             problems.append(
                 f"client-randomness={self.client_randomness!r} must be one of "
                 f"{', '.join(map(repr, CLIENT_RANDOMNESS))}"
+            )
+        if self.client_heads not in CLIENT_HEADS:
+            problems.append(
+                f"client-heads={self.client_heads!r} must be one of "
+                f"{', '.join(map(repr, CLIENT_HEADS))}"
+            )
+        elif self.client_heads == "local" and not self.label_private:
+            problems.append(
+                "client-heads='local' keeps the label-private split's client heads on the "
+                "clients; set label-private=true, or leave client-heads='shared'"
+            )
+        elif self.client_heads == "local" and self.fraction_evaluate == 0:
+            problems.append(
+                "client-heads='local' leaves the ServerApp no whole model to evaluate: accuracy "
+                "comes from federated evaluation, so fraction-evaluate must be above 0"
             )
         if self.leakage_monitor and self.variant == FEDAVG:
             problems.append(

@@ -6,7 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -91,23 +91,38 @@ def main(grid: Grid, context: Context) -> None:
         if output_dir
         else None,
         leakage_monitor=leakage_monitor(config, test_inputs, test_labels),
+        client_heads=config.client_heads,
     )
+    # With the heads kept on the clients this process holds no whole model: accuracy comes
+    # from federated evaluation alone.
+    heads_local = config.client_heads == "local"
 
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(split.client_state_dict()),
+        initial_arrays=ArrayRecord(
+            split.client_half.state_dict() if heads_local else split.client_state_dict()
+        ),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout,
-        evaluate_fn=timed_evaluation(
+        evaluate_fn=None
+        if heads_local
+        else timed_evaluation(
             lambda arrays: evaluate_model(strategy.global_model(arrays), test_inputs, test_labels)
         ),
     )
     report(
         config,
         result,
-        strategy.global_model(result.arrays),
+        # Without heads: what this process holds, under the model's own keys.
+        {
+            **result.arrays.to_torch_state_dict(),
+            **strategy.server_half_arrays().to_torch_state_dict(),
+        }
+        if heads_local
+        else strategy.global_model(result.arrays),
         output_dir,
-        Variant.describe(config.variant, server_copies),
+        Variant.describe(config.variant, server_copies)
+        + (", client heads kept on the clients" if heads_local else ""),
     )
 
 
@@ -179,22 +194,38 @@ def timed_evaluation(
 def report(
     config: AppConfig,
     result: Result,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     output_dir: Path | None,
     description: str,
 ) -> None:
-    """Log the final accuracy; write the model, metrics and their picture to ``output_dir``."""
-    # The last round evaluated: a run the leakage monitor stopped ends early.
-    last_round = max(result.evaluate_metrics_serverapp)
-    final = result.evaluate_metrics_serverapp[last_round]
-    log(
-        INFO,
-        "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of %s",
-        final["test-accuracy"],
-        final["test-loss"],
-        last_round,
-        description,
-    )
+    """Log the final accuracy; write the model (or the state this process holds), metrics and
+    their picture to ``output_dir``."""
+    if result.evaluate_metrics_serverapp:
+        # The last round evaluated: a run the leakage monitor stopped ends early.
+        last_round = max(result.evaluate_metrics_serverapp)
+        final = result.evaluate_metrics_serverapp[last_round]
+        log(
+            INFO,
+            "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of %s",
+            final["test-accuracy"],
+            final["test-loss"],
+            last_round,
+            description,
+        )
+    elif result.evaluate_metrics_clientapp:
+        last_round = max(result.evaluate_metrics_clientapp)
+        final = result.evaluate_metrics_clientapp[last_round]
+        log(
+            INFO,
+            "[SplitFed] final federated accuracy %.4f (loss %.4f, on the clients' own test "
+            "data) after %d rounds of %s",
+            final["eval-accuracy"],
+            final["eval-loss"],
+            last_round,
+            description,
+        )
+    else:
+        log(WARNING, "[SplitFed] no round was evaluated: no accuracy to report (%s)", description)
     if output_dir is not None:
         save_result(
             output_dir, result, model, title=f"{description}, {config.model} on {config.dataset}"
@@ -242,11 +273,19 @@ def run_history(result: Result) -> dict[int, dict[str, float]]:
     }
 
 
-def save_result(output_dir: Path, result: Result, model: torch.nn.Module, *, title: str) -> None:
-    """Write the final model (``model.pt``: its ``state_dict``, the original model's keys), the
-    per-round metrics (``metrics.json``) and their picture (``metrics.png``)."""
+def save_result(
+    output_dir: Path,
+    result: Result,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    *,
+    title: str,
+) -> None:
+    """Write the final model (``model.pt``: its ``state_dict``, the original model's keys; with
+    the client heads kept on the clients, the two halves' without the head's), the per-round
+    metrics (``metrics.json``) and their picture (``metrics.png``)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), output_dir / "model.pt")
+    state = model if isinstance(model, dict) else model.state_dict()
+    torch.save(state, output_dir / "model.pt")
     history = run_history(result)
     (output_dir / "metrics.json").write_text(
         json.dumps({str(r): values for r, values in history.items()}, indent=2)
