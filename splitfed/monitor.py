@@ -246,16 +246,7 @@ class LeakageMonitor:
         if self._decoder is None or self._optimizer is None:
             raise RuntimeError("bind() the monitor to the split before measure()")
         started = time.perf_counter()
-        training = client_half.training
-        # Released activations are computed in training mode (dropout, batch statistics).
-        client_half.train()
-        try:
-            with torch.no_grad():
-                released = torch.cat(
-                    [client_half(chunk) for chunk in self._inputs.split(4 * self.batch_size)]
-                )
-        finally:
-            client_half.train(training)
+        released = self._released(client_half)
         self._train_decoder(released[self._train])
         self._decoder.eval()
         with torch.no_grad():
@@ -300,6 +291,25 @@ class LeakageMonitor:
         return estimate
 
     # -- the attack ------------------------------------------------------------------------------
+
+    def _released(self, client_half: nn.Module) -> torch.Tensor:
+        """The auxiliary inputs' activations as clients release them: in training mode (dropout,
+        batch statistics). The module's buffers, mode and the process's random state are left
+        as they were, so that watching a run does not change it."""
+        training = client_half.training
+        buffers = {name: value.clone() for name, value in client_half.named_buffers()}
+        client_half.train()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
+                return torch.cat(
+                    [client_half(chunk) for chunk in self._inputs.split(4 * self.batch_size)]
+                )
+        finally:
+            client_half.train(training)
+            with torch.no_grad():
+                for name, value in client_half.named_buffers():
+                    value.copy_(buffers[name])
 
     def _release(self, activations: torch.Tensor) -> torch.Tensor:
         """One fresh draw of the clients' mechanism (the identity without clipping)."""

@@ -114,16 +114,20 @@ def test_measured_rounds_follow_every_and_include_the_last():
     assert [r for r in range(1, 8) if monitor.due(r, 7)] == [3, 6, 7]
 
 
-def test_measuring_leaves_the_client_half_as_it_was():
+def test_measuring_leaves_the_client_half_and_the_random_state_as_they_were():
     half = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES), nn.Dropout(0.5))
     half.eval()
     before = {k: v.clone() for k, v in half.state_dict().items()}
     monitor = bound_monitor(half, steps_per_round=5)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
     monitor.measure(1, half)
+    # Dropout ran (training mode) without drawing from the process's generator.
+    assert torch.equal(torch.rand(3), expected)
     assert not half.training
-    for key, value in half.state_dict().items():
-        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(value, before[key]), key
+    for key, value in half.state_dict().items():  # BatchNorm statistics included
+        assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in half.parameters())
 
 
