@@ -105,18 +105,26 @@ class LeakageMonitor:
     action : str (default: "warn")
         ``"warn"`` or ``"stop"`` (the strategy ends the run after the round that crossed).
     every : int (default: 1)
-        Measure every this many rounds (and after the last).
+        Measure the merged rounds whose number is a multiple of this, and the last round.
     steps_per_round : int (default: 200)
         Decoder steps per measured round, on batches of ``batch_size`` auxiliary examples.
     batch_size : int (default: 64)
         Decoder batch size.
+    client_batch_size : int (default: 32)
+        The clients' batch size: the client half runs on the auxiliary inputs in batches of
+        about this size, so that batch statistics (BatchNorm) are those of a client's release.
+    max_examples : int (default: 1024)
+        The most auxiliary inputs kept (a random subset beyond, logged): the activations of all
+        of them are held while a round is measured.
     learning_rate : float (default: 1e-3)
         The decoder's Adam learning rate.
     holdout_fraction : float (default: 0.25)
         Share of the auxiliary inputs attacked rather than trained on.
     decoder : nn.Module | None (default: None)
-        Maps a batch of activations to a batch of inputs. ``None``: a multilayer perceptron
-        (activations flattened, one hidden layer of 512, outputs shaped as the inputs).
+        Maps a batch of activations to a batch of inputs, on the CPU in float32 (the monitor
+        brings the activations there, wherever the client half runs). ``None``: a multilayer
+        perceptron (activations flattened, one hidden layer of 512, outputs shaped as the
+        inputs).
     seed : int (default: 0)
         Seeds the held-out choice, the decoder's batches and its noise draws.
     """
@@ -132,6 +140,8 @@ class LeakageMonitor:
         every: int = 1,
         steps_per_round: int = 200,
         batch_size: int = 64,
+        client_batch_size: int = 32,
+        max_examples: int = 1024,
         learning_rate: float = 1e-3,
         holdout_fraction: float = 0.25,
         decoder: nn.Module | None = None,
@@ -140,31 +150,32 @@ class LeakageMonitor:
         if (
             not isinstance(auxiliary_inputs, torch.Tensor)
             or not auxiliary_inputs.is_floating_point()
+            or auxiliary_inputs.dim() < 2
         ):
             raise TypeError(
                 "auxiliary_inputs must be a floating-point tensor of inputs, batch first, as "
-                f"the client half takes them; got {_describe(auxiliary_inputs)}. For a model "
-                "with several inputs, wrap the client half so that it takes one tensor"
+                f"the client half takes them; got {_describe(auxiliary_inputs)}. The monitor "
+                "feeds the client half one tensor: build the model so that its forward takes one"
             )
         if not torch.isfinite(auxiliary_inputs).all():
             raise ValueError("auxiliary_inputs hold NaN or infinite values; drop those examples")
-        held_out = int(round(len(auxiliary_inputs) * holdout_fraction))
-        if not 0 < holdout_fraction < 1 or held_out < _MIN_HELD_OUT:
-            raise ValueError(
-                f"holdout_fraction={holdout_fraction} of {len(auxiliary_inputs)} auxiliary inputs "
-                f"holds out {held_out}; it must be in (0, 1) and hold out at least "
-                f"{_MIN_HELD_OUT}, with some left to train on: pass more inputs"
-            )
-        if len(auxiliary_inputs) - held_out < 1:
-            raise ValueError("holdout_fraction leaves no auxiliary input to train the decoder on")
-        if (
-            auxiliary_labels is not None
-            and auxiliary_labels.shape[:1] != auxiliary_inputs.shape[:1]
+        if auxiliary_labels is not None and (
+            not isinstance(auxiliary_labels, torch.Tensor)
+            or auxiliary_labels.dim() != 1
+            or auxiliary_labels.is_floating_point()
+            or auxiliary_labels.is_complex()
         ):
+            raise TypeError(
+                "auxiliary_labels must be a 1-D tensor of class ids (one int per input, not "
+                f"one-hot); got {_describe(auxiliary_labels)}"
+            )
+        if auxiliary_labels is not None and len(auxiliary_labels) != len(auxiliary_inputs):
             raise ValueError(
                 f"auxiliary_labels has {len(auxiliary_labels)} entries for "
                 f"{len(auxiliary_inputs)} auxiliary inputs; give one label per input"
             )
+        if not 0 < holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1); got {holdout_fraction}")
         if threshold is not None and not 0 <= threshold <= 1:
             raise ValueError(f"threshold is a share of examples in [0, 1] or None; got {threshold}")
         if action not in LEAKAGE_ACTIONS:
@@ -173,53 +184,77 @@ class LeakageMonitor:
             ("every", every),
             ("steps_per_round", steps_per_round),
             ("batch_size", batch_size),
+            ("client_batch_size", client_batch_size),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1; got {value}")
-        if learning_rate <= 0:
+        if not learning_rate > 0:
             raise ValueError(f"learning_rate must be positive; got {learning_rate}")
+        self._generator = torch.Generator().manual_seed(seed)
+        kept = min(len(auxiliary_inputs), max_examples)
+        held_out = int(round(kept * holdout_fraction))
+        if held_out < _MIN_HELD_OUT or kept - held_out < 1:
+            raise ValueError(
+                f"holdout_fraction={holdout_fraction} of {kept} auxiliary inputs holds out "
+                f"{held_out} and trains on {kept - held_out}; at least {_MIN_HELD_OUT} must be "
+                "held out and one left to train on: pass more inputs (or raise max_examples)"
+            )
+        order = torch.randperm(len(auxiliary_inputs), generator=self._generator)[:kept]
+        if kept < len(auxiliary_inputs):
+            log(
+                INFO,
+                "[SplitFed] leakage monitor: %d of %d auxiliary inputs kept (max_examples)",
+                kept,
+                len(auxiliary_inputs),
+            )
         self.privacy = privacy or PrivacyConfig()
         self.threshold = threshold
         self.action = action
         self.every = every
         self.steps_per_round = steps_per_round
         self.batch_size = batch_size
+        self.client_batch_size = client_batch_size
         self.learning_rate = learning_rate
         self.history: list[LeakageEstimate] = []
         self._seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(auxiliary_inputs), generator=self._generator)
-        self._held_out, self._train = order[:held_out], order[held_out:]
-        self._inputs = auxiliary_inputs.detach()
-        self._labels = auxiliary_labels.detach() if auxiliary_labels is not None else None
+        # Kept on the CPU with the decoder: the client half may be anywhere, its activations
+        # come back here.
+        self._inputs = auxiliary_inputs.detach()[order].float().cpu()
+        self._labels = (
+            auxiliary_labels.detach()[order].cpu() if auxiliary_labels is not None else None
+        )
+        self._held_out = torch.arange(held_out)
+        self._train = torch.arange(held_out, kept)
         self._decoder = decoder
         self._optimizer: torch.optim.Optimizer | None = None
         self._candidates = self._same_label_mask()
 
-    @property
-    def stopped(self) -> bool:
-        """Whether the last estimate crossed the threshold with ``action="stop"``."""
-        return self.action == "stop" and bool(self.history) and self.history[-1].exceeded
+    def stops(self, estimate: LeakageEstimate | None) -> bool:
+        """Whether ``estimate`` ends the run: above the threshold with ``action="stop"``."""
+        return self.action == "stop" and estimate is not None and estimate.exceeded
 
     def due(self, server_round: int, num_rounds: int) -> bool:
-        """Whether ``server_round`` is measured (every ``every`` rounds, and the last)."""
+        """Whether ``server_round``, if merged, is measured (a multiple of ``every``, or the
+        last)."""
         return server_round % self.every == 0 or server_round == num_rounds
 
     def bind(self, client_half: nn.Module, *, activation_shape: tuple[int, ...]) -> None:
         """Check that the client half takes the auxiliary inputs and releases
         ``activation_shape``, and build the default decoder for it."""
-        with torch.no_grad():
-            try:
-                activations = client_half(self._inputs[:2])
-            except Exception as err:
-                raise ValueError(
-                    f"the client half cannot run on auxiliary_inputs of shape "
-                    f"{tuple(self._inputs.shape)} ({type(err).__name__}: {err}); give the "
-                    "inputs the client half takes, batch first"
-                ) from err
-        if not isinstance(activations, torch.Tensor) or tuple(activations.shape[1:]) != tuple(
-            activation_shape
-        ):
+        try:
+            activations = self._released(client_half, self._inputs[:2])
+        except _NotATensor as err:
+            raise ValueError(
+                f"the client half turns auxiliary_inputs into {_describe(err.value)}, not a "
+                "tensor of activations; the monitor attacks a client half with one output"
+            ) from None
+        except Exception as err:
+            raise ValueError(
+                f"the client half cannot run on auxiliary_inputs of shape "
+                f"{tuple(self._inputs.shape)} ({type(err).__name__}: {err}); give the inputs the "
+                "client half takes, batch first (they are moved to the client half's device)"
+            ) from err
+        if tuple(activations.shape[1:]) != tuple(activation_shape):
             raise ValueError(
                 f"the client half turns auxiliary_inputs into {_describe(activations)}, not the "
                 f"split's activations of shape {tuple(activation_shape)}; give the inputs the "
@@ -292,19 +327,29 @@ class LeakageMonitor:
 
     # -- the attack ------------------------------------------------------------------------------
 
-    def _released(self, client_half: nn.Module) -> torch.Tensor:
-        """The auxiliary inputs' activations as clients release them: in training mode (dropout,
-        batch statistics). The module's buffers, mode and the process's random state are left
-        as they were, so that watching a run does not change it."""
+    def _released(self, client_half: nn.Module, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs``' (default: every auxiliary input's) activations as clients release them,
+        as float32 on the CPU: in training mode (dropout, batch statistics), in batches of about
+        ``client_batch_size``, on the client half's device. The module's buffers and mode and
+        the process's random state are left as they were: watching a run does not change it."""
+        inputs = self._inputs if inputs is None else inputs
+        device = _device_of(client_half)
         training = client_half.training
         buffers = {name: value.clone() for name, value in client_half.named_buffers()}
+        # Nearly equal batches: a last batch of one example would break batch statistics.
+        batches = torch.tensor_split(inputs, max(1, len(inputs) // self.client_batch_size))
+        rng_devices = [device] if device.type == "cuda" else []
         client_half.train()
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
-                return torch.cat(
-                    [client_half(chunk) for chunk in self._inputs.split(4 * self.batch_size)]
-                )
+                released = []
+                for batch in batches:
+                    activations = client_half(batch.to(device))
+                    if not isinstance(activations, torch.Tensor):
+                        raise _NotATensor(activations)
+                    released.append(activations.float().cpu())
+                return torch.cat(released)
         finally:
             client_half.train(training)
             with torch.no_grad():
@@ -345,6 +390,18 @@ class LeakageMonitor:
         hits = distances.argmin(dim=1) == torch.arange(len(originals))
         chance = (1.0 / self._candidates.sum(dim=1).double()).mean()
         return float(hits.double().mean()), float(chance)
+
+
+class _NotATensor(Exception):
+    def __init__(self, value: object) -> None:
+        super().__init__(type(value).__name__)
+        self.value = value
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _describe(value: object) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 from splitfed.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint, save_checkpoint
 from splitfed.config import OptimizerConfig, ServerCopies, Variant
 from splitfed.cut import SplitModel
-from splitfed.monitor import LeakageMonitor
+from splitfed.monitor import LeakageEstimate, LeakageMonitor
 from splitfed.protocol import TICKET_KEY, DataPlaneTicket, Mode
 from splitfed.resources import peak_rss_mb
 from splitfed.server import RoundStats, SplitServer
@@ -468,13 +468,13 @@ class SplitFed(Strategy):
                 log(INFO, "")
                 log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
                 self._train_round(grid, server_round, result, train_config, timeout)
-                self._monitor_leakage(server_round, result)
+                leakage = self._monitor_leakage(server_round, result)
                 self._evaluate_round(grid, server_round, result, evaluate_config, timeout)
                 self._evaluate_centrally(server_round, result, evaluate_fn)
                 result.round_metrics[server_round] = self._round_metrics[server_round]
                 self._save(server_round, result)
                 self._failures.check(server_round, self.max_failed_rounds)
-                if self.leakage_monitor is not None and self.leakage_monitor.stopped:
+                if self.leakage_monitor is not None and self.leakage_monitor.stops(leakage):
                     log(
                         ERROR,
                         "[SplitFed] run stopped after round %d of %d: leakage above the "
@@ -504,7 +504,7 @@ class SplitFed(Strategy):
         if metrics is not None:
             result.train_metrics_clientapp[server_round] = metrics
 
-    def _monitor_leakage(self, server_round: int, result: SplitFedResult) -> None:
+    def _monitor_leakage(self, server_round: int, result: SplitFedResult) -> LeakageEstimate | None:
         monitor = self.leakage_monitor
         metrics = self._round_metrics[server_round]
         if (
@@ -512,11 +512,13 @@ class SplitFed(Strategy):
             or not metrics["merged"]
             or not monitor.due(server_round, self._num_rounds)
         ):
-            return
+            return None
         self._split.load_client_state_dict(result.arrays.to_torch_state_dict())
         estimate = monitor.measure(server_round, self._split.client_half)
         for key, value in estimate.metrics().items():
             metrics[key] = value
+        metrics["leakage-exceeded"] = int(estimate.exceeded)
+        return estimate
 
     def _evaluate_round(
         self,

@@ -85,13 +85,14 @@ def test_the_threshold_warns_and_with_stop_stops(caplog):
     caplog.set_level(logging.INFO, logger="flwr")
     half = invertible_client_half()
     warns = bound_monitor(half, steps_per_round=200, threshold=0.1)
-    assert warns.measure(1, half).exceeded and not warns.stopped
+    estimate = warns.measure(1, half)
+    assert estimate.exceeded and not warns.stops(estimate)
     assert "PRIVACY: after round 1 the split server re-identifies" in caplog.text
     stops = bound_monitor(half, steps_per_round=200, threshold=0.1, action="stop")
-    stops.measure(1, half)
-    assert stops.stopped
+    assert stops.stops(stops.measure(1, half))
     calm = bound_monitor(half, steps_per_round=1, threshold=1.0, action="stop")
-    assert not calm.measure(1, half).exceeded and not calm.stopped
+    estimate = calm.measure(1, half)
+    assert not estimate.exceeded and not calm.stops(estimate)
 
 
 def test_watching_leaves_the_process_random_state_alone():
@@ -136,10 +137,22 @@ def test_measuring_leaves_the_client_half_and_the_random_state_as_they_were():
     [
         ({"auxiliary_inputs": torch.zeros(40, 4, dtype=torch.int64)}, "floating-point tensor"),
         ({"auxiliary_inputs": torch.full((40, 4), float("nan"))}, "NaN"),
-        ({"auxiliary_inputs": torch.zeros(8, 4)}, "hold out at least 4"),
+        ({"auxiliary_inputs": torch.zeros(8, 4)}, "at least 4 must be held out"),
         (
-            {"auxiliary_inputs": torch.zeros(40, 4), "auxiliary_labels": torch.zeros(39)},
+            {"auxiliary_inputs": torch.zeros(40, 4), "max_examples": 10},
+            "raise max_examples",
+        ),
+        ({"auxiliary_inputs": torch.zeros(40, 4), "holdout_fraction": float("nan")}, "(0, 1)"),
+        (
+            {
+                "auxiliary_inputs": torch.zeros(40, 4),
+                "auxiliary_labels": torch.zeros(39, dtype=torch.long),
+            },
             "39 entries for 40",
+        ),
+        (
+            {"auxiliary_inputs": torch.zeros(40, 4), "auxiliary_labels": torch.eye(40)[:, :4]},
+            "not one-hot",
         ),
         ({"auxiliary_inputs": torch.zeros(40, 4), "threshold": 2.0}, "in [0, 1]"),
         ({"auxiliary_inputs": torch.zeros(40, 4), "action": "abort"}, "'warn' or 'stop'"),
@@ -151,14 +164,57 @@ def test_bad_settings_are_refused_with_the_fix(kwargs, message):
         LeakageMonitor(**kwargs)
 
 
+def test_batch_statistics_come_from_client_sized_batches_without_a_batch_of_one():
+    # 257 inputs in batches of about 32: a last batch of one would break BatchNorm.
+    half = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES))
+    monitor = LeakageMonitor(
+        auxiliary_inputs=gaussian_inputs(257), client_batch_size=32, steps_per_round=2
+    )
+    monitor.bind(half, activation_shape=(FEATURES,))
+    seen = []
+    half.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    monitor.measure(1, half)
+    assert sum(seen) == 257 and min(seen) >= 32 and len(seen) == 257 // 32
+
+
+def test_binding_leaves_a_training_client_half_and_the_random_state_as_they_were():
+    half = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES), nn.Dropout(0.5))
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    LeakageMonitor(auxiliary_inputs=gaussian_inputs()).bind(half, activation_shape=(FEATURES,))
+    assert torch.equal(torch.rand(2), expected)
+    assert half.training
+    assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())
+
+
+def test_inputs_beyond_max_examples_are_a_seeded_subset():
+    first = LeakageMonitor(auxiliary_inputs=gaussian_inputs(400), max_examples=100, seed=2)
+    again = LeakageMonitor(auxiliary_inputs=gaussian_inputs(400), max_examples=100, seed=2)
+    assert len(first._inputs) == 100 and torch.equal(first._inputs, again._inputs)
+    assert len(first._held_out) == 25
+
+
 def test_inputs_the_client_half_cannot_take_are_refused_at_bind():
     monitor = LeakageMonitor(auxiliary_inputs=torch.zeros(40, 5))
     with pytest.raises(ValueError, match="cannot run on auxiliary_inputs of shape"):
         monitor.bind(nn.Linear(FEATURES, 8), activation_shape=(8,))
     with pytest.raises(ValueError, match=r"not the split's activations of shape \(8,\)"):
         monitor.bind(nn.Linear(5, 7), activation_shape=(8,))
+    with pytest.raises(ValueError, match="turns auxiliary_inputs into a tuple, not a tensor"):
+        monitor.bind(_TwoOutputs(), activation_shape=(8,))
     with pytest.raises(RuntimeError, match="bind"):
         monitor.measure(1, nn.Linear(5, 8))
+
+
+class _TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 8)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(inputs), inputs
 
 
 def _escaped(text: str) -> str:
@@ -185,5 +241,6 @@ def test_the_app_stops_a_run_whose_leakage_crosses_the_threshold(launch):
     first = result.metrics[1]
     assert first["leakage-reidentification"] > 0.3 > first["leakage-reidentification-chance"]
     assert first["leakage-monitor-seconds"] > 0
+    assert first["leakage-exceeded"] == 1
     assert "run stopped after round 1 of 3" in result.log
     assert (result.output_dir / "metrics.png").exists()

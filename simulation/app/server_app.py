@@ -142,6 +142,7 @@ def leakage_monitor(
         action=config.leakage_action,
         every=config.leakage_every,
         steps_per_round=config.leakage_steps,
+        client_batch_size=config.batch_size,
         seed=config.seed,
     )
 
