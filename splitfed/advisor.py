@@ -26,7 +26,9 @@ How each figure is counted:
   and temporaries freed during the pass are not counted;
 - **bytes per sample**: the cut activations sent up and their gradient sent down, each
   ``numel * itemsize`` of one sample's activations, before any wire compression and without the
-  labels (one integer per sample in the plain split) or framing.
+  labels (one integer per sample in the plain split) or framing. These are the plain split's
+  (SFLV1, SFLV2): local-loss training receives no gradient, and the label-private split also
+  exchanges the server half's outputs and their gradient.
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ class CutCost:
         aggregator each round.
     bytes_up_per_sample, bytes_down_per_sample : int
         Bytes of one sample's cut activations (client to server) and of their gradient (server to
-        client); 0 without a cut.
+        client) in the plain split (SFLV1, SFLV2); 0 without a cut. Local-loss training sends no
+        gradient back; the label-private split adds the server half's outputs and their
+        gradient.
     batch_size : int
         The batch size ``client_memory_bytes`` is counted for.
     """
@@ -193,6 +197,11 @@ def cut_costs(
             "2 (Adam)"
         )
     sample_size = _sample_size(sample_input)
+    if sample_size < 2:
+        raise ValueError(
+            "sample_input holds one sample; pass at least 2 (batch statistics, e.g. BatchNorm's, "
+            "need more than one)"
+        )
     points = cut_points(model, sample_input=sample_input)
     valid = [point for point in points if point.valid]
     if cuts is None:
@@ -330,12 +339,14 @@ def _grads_kept(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Run passes in train mode and put back the model's modes and buffers afterwards (a
-    BatchNorm in train mode updates its running statistics)."""
+    BatchNorm in train mode updates its running statistics), and the CPU random state."""
     modes = {module: module.training for module in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     model.train()
     try:
-        yield
+        # Dropout draws from a forked generator: the caller's random state is left alone.
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:

@@ -138,6 +138,8 @@ def test_bad_settings_are_refused_with_what_to_use():
         cut_costs(linear_stack(), sample_input=SAMPLE, batch_size=0)
     with pytest.raises(ValueError, match="2 \\(Adam\\)"):
         cut_costs(linear_stack(), sample_input=SAMPLE, optimizer_states=-1)
+    with pytest.raises(ValueError, match="pass at least 2"):
+        cut_costs(linear_stack(), sample_input=SAMPLE[:1])
 
 
 def test_the_model_is_left_as_it_was():
@@ -148,6 +150,15 @@ def test_the_model_is_left_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m.training for m in model.modules())
+
+
+def test_dropout_in_the_passes_leaves_the_random_state_alone():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    cut_costs(model, sample_input=torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.rand(2), expected)
 
 
 @pytest.mark.slow

@@ -202,6 +202,7 @@ def link_releases(
         rows = np.flatnonzero(query_labels == label)
         pool = np.flatnonzero(candidate_labels == label)
         if len(pool) == 0:
+            # No candidate of this label: the nearest of any label, one-to-one no longer holds.
             pool = np.arange(len(candidates))
         distances = (
             (queries[rows] ** 2).sum(1)[:, None]
@@ -647,6 +648,8 @@ def averaged_mechanism(privacy: PrivacyConfig, releases: int) -> PrivacyConfig:
     """The mechanism the mean of ``releases`` independent releases of one example went through:
     the same clipping, the noise's standard deviation divided by the square root of their
     number (what a decoder of averaged releases is trained on)."""
+    if releases < 1:
+        raise ValueError(f"releases must be at least 1; got {releases}")
     sigma = privacy.smashed_noise_multiplier / math.sqrt(releases)
     return dataclasses.replace(privacy, smashed_noise_multiplier=sigma)
 
