@@ -292,12 +292,25 @@ def _training_cost(
         # The server computes the gradient at the cut to send it back.
         args = tuple(a.detach().requires_grad_(True) for a in args)
     parameter_storages = {p.untyped_storage().data_ptr() for p in _unique_parameters(module)}
-    saved: dict[int, int] = {}
+    # Per storage, the byte range the saved tensors use: views of one storage count once, and a
+    # sample batch sliced from a larger tensor counts its own bytes, not the whole tensor's.
+    extents: dict[int, tuple[int, int]] = {}
+
+    def record(tensor: torch.Tensor) -> None:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in parameter_storages:
+            return
+        size = tensor.element_size()
+        start = int(tensor.storage_offset()) * size
+        span = sum(
+            (int(n) - 1) * abs(step) for n, step in zip(tensor.shape, tensor.stride(), strict=True)
+        )
+        end = start + size * (1 + span) if tensor.numel() else start
+        low, high = extents.get(pointer, (start, end))
+        extents[pointer] = (min(low, start), max(high, end))
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
+        record(tensor)
         return tensor
 
     # backward(), not autograd.grad(): FlopCounterMode's module hooks refuse the latter. The
@@ -315,11 +328,13 @@ def _training_cost(
         ]
         for leaf in outputs:
             # The output waits for its gradient (from the server, or the loss).
-            saved[leaf.untyped_storage().data_ptr()] = leaf.untyped_storage().nbytes()
+            record(leaf)
         gradients = [torch.ones_like(leaf) for leaf in outputs]
         if outputs:
             torch.autograd.backward(outputs, gradients)
-    activation_bytes = sum(saved.values()) + sum(g.numel() * g.element_size() for g in gradients)
+    activation_bytes = sum(high - low for low, high in extents.values()) + sum(
+        g.numel() * g.element_size() for g in gradients
+    )
     return _StepCost(int(counter.get_total_flops()), activation_bytes, output)
 
 

@@ -152,6 +152,13 @@ def test_the_model_is_left_as_it_was():
     assert not any(m.training for m in model.modules())
 
 
+def test_a_sample_sliced_from_a_larger_tensor_counts_its_own_bytes():
+    dataset = torch.randn(1000, 6, dtype=torch.float64)
+    alone = cut_costs(linear_stack(), sample_input=dataset[10:13].clone())
+    sliced = cut_costs(linear_stack(), sample_input=dataset[10:13])
+    assert [r.client_memory_bytes for r in sliced] == [r.client_memory_bytes for r in alone]
+
+
 def test_dropout_in_the_passes_leaves_the_random_state_alone():
     model = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 2))
     torch.manual_seed(3)
