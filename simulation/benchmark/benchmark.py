@@ -177,6 +177,16 @@ def run_overhead(
         ],
         rows,
     )
+    report.say(
+        "\n"
+        "The unsplit baselines run in the benchmark's process while the split server is up. "
+        "Where the server runs with as many torch threads as cores (SFLV2, as the app sets it), "
+        "its OpenMP team and the baseline's together exceed the cores, and libgomp then stops "
+        "spinning between parallel regions: every small operation pays a thread wake-up, and "
+        "the multi-threaded baseline is about twice as slow (checked: with "
+        "OMP_WAIT_POLICY=ACTIVE, or once the server is closed, it is not). The 1-thread "
+        "baseline has no team and is not affected; ratios use it."
+    )
 
 
 def run_messages(report: Report, *, repeats: int) -> None:
