@@ -244,3 +244,29 @@ def test_the_app_stops_a_run_whose_leakage_crosses_the_threshold(launch):
     assert first["leakage-exceeded"] == 1
     assert "run stopped after round 1 of 3" in result.log
     assert (result.output_dir / "metrics.png").exists()
+
+
+def test_the_launchers_table_shows_leakage_and_falls_back_to_federated_accuracy():
+    from simulation.launch.flwr_cli import format_table
+
+    base = {"data-plane-bytes": 2e6, "model-sync-bytes": 1e5, "round-seconds": 1.5}
+    watched = format_table(
+        {
+            1: {**base, "test-accuracy": 0.5, "test-loss": 1.0},
+            2: {
+                **base,
+                "test-accuracy": 0.9,
+                "test-loss": 0.2,
+                "leakage-reidentification": 0.75,
+                "leakage-reidentification-chance": 0.11,
+            },
+        }
+    ).splitlines()
+    assert "re-id (chance)" in watched[0] and "test acc" in watched[0]
+    assert watched[2].split()[-2] == "-"  # round 1 not measured
+    assert "0.75 (0.11)" in watched[3]
+    federated = format_table(
+        {1: {**base, "federated-eval-accuracy": 0.875, "federated-eval-loss": 0.3}}
+    ).splitlines()
+    assert "fed acc" in federated[0] and "re-id" not in federated[0]
+    assert "0.8750" in federated[2]

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -210,23 +212,44 @@ def run_status(env: dict[str, str], run_id: int | None, *, connection: str) -> t
 
 
 def format_table(metrics: dict[int, dict[str, float]]) -> str:
-    """The per-round table the launcher prints at the end."""
-    columns = [
-        ("round", 5),
-        ("test acc", 8),
-        ("test loss", 9),
-        ("data plane", 10),
-        ("model sync", 10),
+    """The per-round table the launcher prints at the end: accuracy and loss (central, or the
+    clients' federated evaluation where the ServerApp holds no whole model), what crossed the
+    data plane and the model sync, the leakage monitor's re-identification where it ran, and
+    the round's seconds."""
+    rounds = [metrics[r] for r in sorted(metrics)]
+    central = any("test-accuracy" in m for m in rounds)
+    prefix = "test" if central else "federated-eval"
+    watched = any("leakage-reidentification" in m for m in rounds)
+    columns: list[tuple[str, int, Callable[[dict[str, float]], str]]] = [
+        (
+            "test acc" if central else "fed acc",
+            8,
+            lambda m: f"{m.get(f'{prefix}-accuracy', nan):.4f}",
+        ),
+        (
+            "test loss" if central else "fed loss",
+            9,
+            lambda m: f"{m.get(f'{prefix}-loss', nan):.4f}",
+        ),
+        ("data plane", 10, lambda m: f"{m.get('data-plane-bytes', nan) / 1e6:.2f} MB"),
+        ("model sync", 10, lambda m: f"{m.get('model-sync-bytes', nan) / 1e6:.2f} MB"),
     ]
-    header = "  ".join(f"{name:>{width}}" for name, width in [*columns, ("seconds", 7)])
+    if watched:
+
+        def leakage(m: dict[str, float]) -> str:
+            if "leakage-reidentification" not in m:
+                return "-"
+            return (
+                f"{m['leakage-reidentification']:.2f} ({m['leakage-reidentification-chance']:.2f})"
+            )
+
+        columns.append(("re-id (chance)", 14, leakage))
+    columns.append(("seconds", 7, lambda m: f"{m.get('round-seconds', nan):.2f}"))
+    header = "  ".join([f"{'round':>5}", *(f"{name:>{width}}" for name, width, _ in columns)])
     rows = [header, "-" * len(header)]
-    for server_round in sorted(metrics):
-        m = metrics[server_round]
-        rows.append(
-            f"{server_round:>5}  {m.get('test-accuracy', float('nan')):>8.4f}  "
-            f"{m.get('test-loss', float('nan')):>9.4f}  {m['data-plane-bytes'] / 1e6:>7.2f} MB  "
-            f"{m['model-sync-bytes'] / 1e6:>7.2f} MB  {m['round-seconds']:>7.2f}"
-        )
+    for server_round, m in zip(sorted(metrics), rounds, strict=True):
+        cells = [f"{server_round:>5}", *(f"{show(m):>{width}}" for _, width, show in columns)]
+        rows.append("  ".join(cells))
     return "\n".join(rows)
 
 
