@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from simulation.app.task import evaluate_model
+from simulation.audit import audit
 from simulation.audit.audit import (
     Defense,
     app_accuracy,
@@ -314,15 +315,9 @@ def test_audit_command_quick_run_writes_report_and_plots(tmp_path):
     assert floor["class_mean_ssim"] > floor["ssim"]  # knowing the labels is worth something
     assert 0 <= rows[("pool", "label-noise:0")]["cosine_auc"] <= 1
     for row in (rows[("pool", "none")], rows[("pool", "noise:0.1")]):
-        for key in (
-            "linking_accuracy",
-            "linked_ssim",
-            "linked_judge_accuracy",
-            "linked_reidentification",
-            "oracle_linked_ssim",
-            "oracle_linked_judge_accuracy",
-            "oracle_linked_reidentification",
-        ):
+        linking = [k for k in audit._FIGURES if k.startswith(("linking_acc", "linked_", "oracle_"))]
+        assert len(linking) == 7
+        for key in linking:
             assert isinstance(row[key], float) and 0 <= row[key] <= 1, key
         assert row["linking_accuracy"] > row["linking_chance"]
     assert (tmp_path / "linking.png").stat().st_size > 0

@@ -278,17 +278,20 @@ def test_a_residual_cnn_cut_by_name_learns_from_image_files_with_federated_evalu
     assert all(m["data-plane-batches"] == batches for m in result.metrics.values())
 
 
+TABLE_LABEL_PRIVATE = {
+    "dataset": "breast-cancer",
+    "model": "mlp",
+    "label-private": True,
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "client-lr": 0.02,
+    "server-lr": 0.02,
+}
+"""The tabular task in the label-private split, three short rounds on 4 clients."""
+
+
 def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split(launch):
-    overrides = {
-        "dataset": "breast-cancer",
-        "model": "mlp",
-        "label-private": True,
-        "num-server-rounds": 3,
-        "local-epochs": 1,
-        "client-lr": 0.02,
-        "server-lr": 0.02,
-    }
-    result = launch(run_config=overrides, num_supernodes=4)
+    result = launch(run_config=TABLE_LABEL_PRIVATE, num_supernodes=4)
     assert result.completed, result.failure_report()
     final = result.metrics[3]
     assert final["test-accuracy"] > 0.9, result.metrics
@@ -296,17 +299,7 @@ def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split
 
 
 def test_client_heads_kept_on_the_clients_never_reach_the_server_app(launch):
-    overrides = {
-        "dataset": "breast-cancer",
-        "model": "mlp",
-        "label-private": True,
-        "client-heads": "local",
-        "num-server-rounds": 3,
-        "local-epochs": 1,
-        "client-lr": 0.02,
-        "server-lr": 0.02,
-        **FROM_SEED,
-    }
+    overrides = {**TABLE_LABEL_PRIVATE, "client-heads": "local", **FROM_SEED}
     result = launch(run_config=overrides, num_supernodes=4)
     assert result.completed, result.failure_report()
     final = result.metrics[3]
