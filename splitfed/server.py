@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import torch
@@ -51,6 +51,9 @@ from .protocol import (
 )
 from .server_half import RefusedBatch, ServerHalfTrainer, StepResult
 from .tls import TLSCredentials
+
+if TYPE_CHECKING:
+    from .cut import SplitModel
 from .wire import (
     Frame,
     FrameKind,
@@ -299,6 +302,22 @@ class SplitServer:
             mode: FrameLimits(kinds=accepted, max_batch=self.max_batch_size)
             for mode, accepted in kinds.items()
         }
+
+    @classmethod
+    def for_split(
+        cls, split: SplitModel, *, trainer: ServerHalfTrainer, **options: Any
+    ) -> SplitServer:
+        """A split server for ``split``: the activations' shape and dtype, and in the
+        label-private split the server half's output shape, are the split's; ``options`` are
+        the other keyword arguments of :class:`SplitServer`."""
+        return cls(
+            trainer=trainer,
+            activation_shape=split.activation_shape,
+            activation_dtype=split.activation_dtype,
+            output_shape=split.output_shape,
+            label_private=split.label_private,
+            **options,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 

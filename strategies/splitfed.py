@@ -265,21 +265,18 @@ class SplitFed(Strategy):
             device=device,
         )
         self.client_half_keys = tuple(self._split.client_state_dict())
-        self.split_server = SplitServer(
+        self.split_server = SplitServer.for_split(
+            split,
             trainer=self.trainer,
-            activation_shape=split.activation_shape,
-            activation_dtype=split.activation_dtype,
             address=split_server_address,
             advertised_address=advertised_address,
             max_streams=max_streams,
             max_batch_size=max_batch_size,
             labels=labels,
-            output_shape=split.output_shape,
             idle_timeout=idle_timeout,
             hold_timeout=hold_timeout,
             tls=tls,
             insecure=insecure,
-            label_private=self.label_private,
             local_loss=self.variant == Variant.LOCAL_LOSS,
             intra_op_threads=server_threads,
         )

@@ -67,10 +67,9 @@ def start_split_server(
     split: SplitModel, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM
 ) -> SplitServer:
     trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
-    server = SplitServer(
+    server = SplitServer.for_split(
+        split,
         trainer=trainer,
-        activation_shape=split.activation_shape,
-        activation_dtype=split.activation_dtype,
         insecure=True,  # loopback only
     )
     server.start()
@@ -301,14 +300,7 @@ def u_server_factory():
 
     def factory(split, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM) -> SplitServer:
         trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
-        server = SplitServer(
-            trainer=trainer,
-            activation_shape=split.activation_shape,
-            activation_dtype=split.activation_dtype,
-            insecure=True,
-            label_private=True,
-            output_shape=split.output_shape,
-        )
+        server = SplitServer.for_split(split, trainer=trainer, insecure=True)
         server.start()
         servers.append(server)
         return server

@@ -84,10 +84,9 @@ def serve():
             server_half=server_half,
             optimizer=optimizer,
         )
-        server = SplitServer(
+        server = SplitServer.for_split(
+            split,
             trainer=trainer,
-            activation_shape=split.activation_shape,
-            activation_dtype=split.activation_dtype,
             insecure=True,  # loopback only
             local_loss=local_loss,
         )

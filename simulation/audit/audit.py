@@ -967,14 +967,7 @@ def heads_cost(
     optimizers = [config.client_optimizer.build(p.client_parameters()) for p in parts]
     secrets_ = [ClientSecret.from_value(f"heads:{seed}:{node}") for node in range(clients)]
     trainer = make_trainer("v1", server_half=split.server_half, optimizer=config.server_optimizer)
-    server = SplitServer(
-        trainer=trainer,
-        activation_shape=split.activation_shape,
-        activation_dtype=split.activation_dtype,
-        insecure=True,
-        label_private=True,
-        output_shape=split.output_shape,
-    )
+    server = SplitServer.for_split(split, trainer=trainer, insecure=True)
     half_keys = set(split.client_half.state_dict())
     shared_keys = set(split.client_state_dict()) if heads == "shared" else half_keys
     global_state = {k: v for k, v in split.client_state_dict().items() if k in shared_keys}

@@ -158,10 +158,9 @@ def _split_curve(
         server_half=copy.deepcopy(split.server_half),
         optimizer=config.server_optimizer,
     )
-    server = SplitServer(
+    server = SplitServer.for_split(
+        split,
         trainer=trainer,
-        activation_shape=split.activation_shape,
-        activation_dtype=split.activation_dtype,
         insecure=True,  # loopback only
         local_loss=local_loss,
     )

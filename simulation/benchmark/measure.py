@@ -404,10 +404,9 @@ def measure_scaling(
     del header["step"]
     payload = template[4 + length :]
     trainer = make_trainer("v1", server_half=split.server_half, optimizer=OPTIMIZER)
-    server = SplitServer(
+    server = SplitServer.for_split(
+        split,
         trainer=trainer,
-        activation_shape=split.activation_shape,
-        activation_dtype=split.activation_dtype,
         insecure=True,
         intra_op_threads=server_threads,
     )
