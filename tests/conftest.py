@@ -78,7 +78,8 @@ def start_split_server(
 
 @pytest.fixture
 def split_server_factory() -> Iterator:
-    """Start split servers for a test and stop them all afterwards, also when it fails."""
+    """Start split servers for a test (plain or label-private, as the split is) and stop them
+    all afterwards, also when it fails."""
     servers: list[SplitServer] = []
 
     def factory(split: SplitModel, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM):
@@ -291,20 +292,3 @@ def app_batches_per_round(run_config: dict, *, num_partitions: int) -> int:
         config.local_epochs * len(train_loader(config, data, partition_id=i, server_round=1))
         for i in range(num_partitions)
     )
-
-
-@pytest.fixture
-def u_server_factory():
-    """Start label-private split servers for a test; stop them afterwards."""
-    servers: list[SplitServer] = []
-
-    def factory(split, *, variant: str, optimizer: OptimizerConfig = SGD_MOMENTUM) -> SplitServer:
-        trainer = make_trainer(variant, server_half=split.server_half, optimizer=optimizer)
-        server = SplitServer.for_split(split, trainer=trainer, insecure=True)
-        server.start()
-        servers.append(server)
-        return server
-
-    yield factory
-    for server in servers:
-        server.stop(grace=None)

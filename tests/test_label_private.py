@@ -85,12 +85,12 @@ def train_unsplit_u(split, batches, *, client_optimizer, server_optimizer, epoch
 
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_one_client_label_private_equals_centralized_training(variant, u_server_factory):
+def test_one_client_label_private_equals_centralized_training(variant, split_server_factory):
     split = u_split()
     reference = copy.deepcopy(split)
     initial_head = split.client_head.fc2.weight.detach().clone()
     server_optimizer = OptimizerConfig(torch.optim.Adam, lr=0.01)
-    server = u_server_factory(copy.deepcopy(split), variant=variant, optimizer=server_optimizer)
+    server = split_server_factory(copy.deepcopy(split), variant=variant, optimizer=server_optimizer)
     batches = digits_batches(0, 100, batch_size=16)  # the last batch has 4 examples
     tokens = server.open_round(1, [7])
     optimizer = SGD_MOMENTUM.build(split.client_parameters())
@@ -120,9 +120,9 @@ def test_one_client_label_private_equals_centralized_training(variant, u_server_
     assert not torch.allclose(split.client_head.fc2.weight, initial_head)
 
 
-def test_plain_client_is_refused_by_a_label_private_server(u_server_factory):
+def test_plain_client_is_refused_by_a_label_private_server(split_server_factory):
     split = u_split()
-    server = u_server_factory(copy.deepcopy(split), variant="v1")
+    server = split_server_factory(copy.deepcopy(split), variant="v1")
     tokens = server.open_round(1, [3])
     with (
         GrpcDataPlane(address=server.address, node_id=3, server_round=1, token=tokens[3]) as plane,
@@ -131,11 +131,13 @@ def test_plain_client_is_refused_by_a_label_private_server(u_server_factory):
         plane.exchange(1, torch.zeros(4, 32, 4, 4), torch.zeros(4, dtype=torch.long))
 
 
-def test_labels_in_a_smashed_frame_are_refused_and_the_next_batch_still_trains(u_server_factory):
+def test_labels_in_a_smashed_frame_are_refused_and_the_next_batch_still_trains(
+    split_server_factory,
+):
     from splitfed.wire import Frame, FrameKind
 
     split = u_split()
-    server = u_server_factory(copy.deepcopy(split), variant="v2")
+    server = split_server_factory(copy.deepcopy(split), variant="v2")
     tokens = server.open_round(1, [3])
     with GrpcDataPlane(address=server.address, node_id=3, server_round=1, token=tokens[3]) as plane:
         leaky = Frame(

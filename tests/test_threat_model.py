@@ -207,9 +207,9 @@ def test_a_reply_that_carries_a_head_is_left_out_of_the_merge(caplog):
     assert all(torch.equal(merged_state[k], one[k]) for k in merged_state)  # client 1's alone
 
 
-def test_a_client_that_keeps_its_head_ignores_a_head_in_the_message(u_server_factory, caplog):
+def test_a_client_that_keeps_its_head_ignores_a_head_in_the_message(split_server_factory, caplog):
     split = u_split()
-    server = u_server_factory(copy.deepcopy(split), variant="v2")
+    server = split_server_factory(copy.deepcopy(split), variant="v2")
     context = new_context()
     sent_head = split.client_head.fc2.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="flwr_splitfed"):
@@ -229,11 +229,11 @@ def test_a_client_that_keeps_its_head_ignores_a_head_in_the_message(u_server_fac
     assert (kept["fc2.weight"] - sent_head).abs().mean() > 0.01
 
 
-def test_a_kept_head_is_first_drawn_from_the_clients_secret(u_server_factory):
+def test_a_kept_head_is_first_drawn_from_the_clients_secret(split_server_factory):
     split = u_split()
 
     def first_head(secret: ClientSecret) -> torch.Tensor:
-        server = u_server_factory(copy.deepcopy(split), variant="v2")
+        server = split_server_factory(copy.deepcopy(split), variant="v2")
         context = new_context()
         client = client_parts()
         reply = train_client_half(
@@ -259,9 +259,9 @@ def test_a_kept_head_is_first_drawn_from_the_clients_secret(u_server_factory):
     assert a.abs().max() <= 64**-0.5 and a.std() > 0.5 * 64**-0.5 / 3**0.5
 
 
-def test_evaluating_before_a_head_was_trained_says_what_to_do(u_server_factory):
+def test_evaluating_before_a_head_was_trained_says_what_to_do(split_server_factory):
     split = u_split()
-    server = u_server_factory(copy.deepcopy(split), variant="v2")
+    server = split_server_factory(copy.deepcopy(split), variant="v2")
     token = server.open_round(1, [NODE], mode="evaluate")[NODE]
     ticket = DataPlaneTicket(
         address=server.address, token=token, server_round=1, mode="evaluate", label_private=True
@@ -281,12 +281,12 @@ def test_evaluating_before_a_head_was_trained_says_what_to_do(u_server_factory):
     assert reply.has_error() and "select it for training first" in reply.error.reason
 
 
-def test_one_client_with_a_kept_head_is_centralized_training(u_server_factory):
+def test_one_client_with_a_kept_head_is_centralized_training(split_server_factory):
     """Two rounds of one client whose head stays in its context equal two epochs of the unsplit
     model: the kept head and the client optimizer's state carry over between rounds."""
     split = u_split()
     reference = copy.deepcopy(split)
-    server = u_server_factory(copy.deepcopy(split), variant="v2")
+    server = split_server_factory(copy.deepcopy(split), variant="v2")
     batches = digits_batches(0, 96, batch_size=16)
     context = new_context()
     context.state[STATE_CLIENT_HEAD_KEY] = ArrayRecord(split.client_head.state_dict())
@@ -334,12 +334,12 @@ def _u_message(server, server_round, split, *, with_head: bool, client_half=None
     )
 
 
-def test_run_local_epochs_is_unchanged_for_plain_label_private_training(u_server_factory):
+def test_run_local_epochs_is_unchanged_for_plain_label_private_training(split_server_factory):
     """The kept-head path does not touch the Flower-free loop: one epoch through it still
     matches one epoch of the unsplit model."""
     split = u_split()
     reference = copy.deepcopy(split)
-    server = u_server_factory(copy.deepcopy(split), variant="v2")
+    server = split_server_factory(copy.deepcopy(split), variant="v2")
     batches = digits_batches(0, 48, batch_size=16)
     token = server.open_round(1, [NODE])[NODE]
     with GrpcDataPlane(address=server.address, node_id=NODE, server_round=1, token=token) as plane:
