@@ -199,14 +199,17 @@ def test_client_halves_can_be_merged_by_another_flower_strategy(launch):
 
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
-    # SFLV1 as the demo runs it (a private Ray instance); SFLV2 on the cluster.
-    result = launch(run_config={"variant": variant}, num_supernodes=10, private_ray=variant == "v1")
+    # SFLV1 as the demo runs it (a private Ray instance); SFLV2 on the cluster, with the server
+    # step the README advises for it: at the default 0.05 its accuracy swings from round to round
+    # (0.950-0.992 after 10 rounds, seeds 0-5, in process), at 0.01 0.978-0.989.
+    run_config = {"variant": variant} if variant == "v1" else {"variant": variant, "server-lr": 0.01}
+    result = launch(run_config=run_config, num_supernodes=10, private_ray=variant == "v1")
     assert result.completed, result.failure_report()
     final = result.metrics[max(result.metrics)]
     assert final["test-accuracy"] >= 0.95, result.metrics
     assert final["clients"] == 10 and final["refused-streams"] == 0
     # The data plane carried every batch of every client: 2 epochs of the whole training set.
-    batches_per_round = app_batches_per_round({"variant": variant}, num_partitions=10)
+    batches_per_round = app_batches_per_round(run_config, num_partitions=10)
     assert all(m["data-plane-batches"] == batches_per_round for m in result.metrics.values())
 
 
@@ -262,7 +265,9 @@ def test_a_residual_cnn_cut_by_name_learns_from_image_files_with_federated_evalu
         "partitioner": "dirichlet",
         "dirichlet-alpha": 1.0,
         "num-server-rounds": 3,
-        "local-epochs": 1,
+        # Three epochs a round: with one, the BatchNorm statistics and weights of 12 steps left
+        # some seeds at chance after 3 rounds; with three, 0.90-1.00 (seeds 0-7, both variants).
+        "local-epochs": 3,
         "batch-size": 8,
         "client-lr": 0.02,
         "server-lr": 0.02,
@@ -283,11 +288,13 @@ TABLE_LABEL_PRIVATE = {
     "model": "mlp",
     "label-private": True,
     "num-server-rounds": 3,
-    "local-epochs": 1,
+    "local-epochs": 3,
     "client-lr": 0.02,
     "server-lr": 0.02,
 }
-"""The tabular task in the label-private split, three short rounds on 4 clients."""
+"""The tabular task in the label-private split, three rounds of three epochs on 4 clients: test
+accuracy 0.947-0.982 after round 3 (seeds 0-11; with one epoch a round, 0.92-0.96, too close to
+the tests' bound)."""
 
 
 def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split(launch):
@@ -306,8 +313,8 @@ def test_client_heads_kept_on_the_clients_never_reach_the_server_app(launch):
     # No whole model in the ServerApp: no central evaluation; the clients evaluate with the
     # heads they kept, each trained on its own data alone.
     assert "test-accuracy" not in final
-    # Each head trained on its client's data alone, three short rounds: learning, not converged
-    # (the majority class is 63% of the data).
+    # Each head trained on its client's data alone: well above the majority class (63% of the
+    # data), not as high as shared heads.
     assert final["federated-eval-accuracy"] > 0.8, result.metrics
     assert "final federated accuracy" in result.log
     assert "client_heads='shared'" not in result.log  # the shared-heads PRIVACY warning
