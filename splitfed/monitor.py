@@ -13,6 +13,19 @@ auxiliary inputs, and attacks the rest, which stand in for the clients' private 
 - **explained variance** of the held-out inputs by their reconstructions (1 is exact, 0 is no
   better than the mean input).
 
+In the label-private split the labels stay on the clients, and the process also holds the
+server half (and, with ``client_heads="shared"``, the merged client head). Given the auxiliary
+inputs' labels, the monitor then also attacks the held-out examples' labels:
+
+- **head-forward**: the share labelled by running the head this process holds on the server
+  half's outputs (shared heads only);
+- **surrogate head**: the share labelled by a linear head trained on the other auxiliary
+  examples' server-half outputs, as a server with labelled data of the task can;
+- **cosine AUC** of the gradients at the server half's output (what clients send up, with the
+  configured label noise), computed through the held head or, with local heads, the surrogate:
+  how well the cosine of two gradients of one client-sized batch tells whether their examples
+  share a label (0.5 is chance).
+
 The decoder keeps training from round to round, as an attacker's would. The estimate is made on
 the server's own data with a small decoder and few steps, so it bounds nothing: an offline
 attack with more data and steps gets more (``python -m simulation.audit``). It tracks how leakage
@@ -23,6 +36,7 @@ split server's process ``steps_per_round`` decoder steps a measured round, timed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +48,7 @@ from torch import nn
 
 from .privacy import PrivacyConfig
 
-__all__ = ["LEAKAGE_ACTIONS", "LeakageEstimate", "LeakageMonitor"]
+__all__ = ["LEAKAGE_ACTIONS", "LeakageEstimate", "LeakageMonitor", "cosine_attack_auc", "roc_auc"]
 
 LEAKAGE_ACTIONS = ("warn", "stop")
 """What :class:`LeakageMonitor` does when re-identification is above its threshold."""
@@ -58,9 +72,22 @@ class LeakageEstimate:
         ``1 - sum((reconstruction - input)^2) / sum((input - mean input)^2)`` on the held-out
         examples.
     seconds : float
-        Wall time of this estimate (the client half's forward passes and the decoder's steps).
+        Wall time of this estimate (the forward passes, the decoder's and the surrogate head's
+        steps).
     exceeded : bool
-        Whether ``reidentification`` is above the monitor's threshold.
+        Whether ``reidentification`` is above the monitor's ``threshold``, or the labels
+        recovered above its ``label_threshold``.
+    label_head_forward : float | None (default: None)
+        Share of held-out labels the head this process holds recovers (label-private split with
+        shared heads).
+    label_surrogate : float | None (default: None)
+        Share of held-out labels recovered by a head trained on the other auxiliary examples
+        (label-private split).
+    label_chance : float | None (default: None)
+        Labels recovered by guessing the most common held-out label.
+    label_cosine_auc : float | None (default: None)
+        ROC AUC of the cosine attack on the gradients at the server half's output (0.5 is
+        chance).
     """
 
     server_round: int
@@ -69,15 +96,34 @@ class LeakageEstimate:
     explained_variance: float
     seconds: float
     exceeded: bool
+    label_head_forward: float | None = None
+    label_surrogate: float | None = None
+    label_chance: float | None = None
+    label_cosine_auc: float | None = None
+
+    @property
+    def labels_recovered(self) -> float | None:
+        """The most labels any of the label attacks recovered, ``None`` where none ran."""
+        shares = [s for s in (self.label_head_forward, self.label_surrogate) if s is not None]
+        return max(shares) if shares else None
 
     def metrics(self) -> dict[str, float]:
-        """The estimate as a round's metrics (``leakage-`` keys)."""
-        return {
+        """The estimate as a round's metrics (``leakage-`` keys; label keys where measured)."""
+        metrics = {
             "leakage-reidentification": self.reidentification,
             "leakage-reidentification-chance": self.chance,
             "leakage-explained-variance": self.explained_variance,
             "leakage-monitor-seconds": self.seconds,
         }
+        for key, value in (
+            ("leakage-label-head-forward", self.label_head_forward),
+            ("leakage-label-surrogate", self.label_surrogate),
+            ("leakage-label-chance", self.label_chance),
+            ("leakage-label-cosine-auc", self.label_cosine_auc),
+        ):
+            if value is not None:
+                metrics[key] = value
+        return metrics
 
 
 class LeakageMonitor:
@@ -94,14 +140,21 @@ class LeakageMonitor:
         clients'), batch first, as the client half takes them. A share of them
         (``holdout_fraction``) is attacked, the rest trains the decoder.
     auxiliary_labels : torch.Tensor | None (default: None)
-        Their class ids. With labels, re-identification picks among held-out examples of the
-        same class, as an attacker who receives the labels can (the plain split sends them).
+        Their class ids. In a split that sends labels (the plain split), re-identification
+        picks among held-out examples of the same class, as an attacker who receives them can;
+        in the label-private split (:meth:`bind` with a ``server_half``) the labels are what the
+        label attacks try to recover, and re-identification does not use them.
     privacy : PrivacyConfig | None (default: None)
         The clients' defense; the decoder trains on fresh draws of its clipping and noise, and
         each held-out example is attacked from one draw (one release).
     threshold : float | None (default: None)
         Re-identification above this share is reported as a ``PRIVACY`` warning, and stops the
         run with ``action="stop"``; ``None`` only measures.
+    label_threshold : float | None (default: None)
+        The same for the share of labels recovered (the more of head-forward and surrogate
+        head) in the label-private split; needs ``auxiliary_labels``. The surrogate head is
+        about as accurate as the model on the auxiliary data: a server that holds labelled data
+        of the task recovers labels whatever the split (docs/privacy.md).
     action : str (default: "warn")
         ``"warn"`` or ``"stop"`` (the strategy ends the run after the round that crossed).
     every : int (default: 1)
@@ -136,6 +189,7 @@ class LeakageMonitor:
         auxiliary_labels: torch.Tensor | None = None,
         privacy: PrivacyConfig | None = None,
         threshold: float | None = None,
+        label_threshold: float | None = None,
         action: str = "warn",
         every: int = 1,
         steps_per_round: int = 200,
@@ -176,8 +230,14 @@ class LeakageMonitor:
             )
         if not 0 < holdout_fraction < 1:
             raise ValueError(f"holdout_fraction must be in (0, 1); got {holdout_fraction}")
-        if threshold is not None and not 0 <= threshold <= 1:
-            raise ValueError(f"threshold is a share of examples in [0, 1] or None; got {threshold}")
+        for name, share in (("threshold", threshold), ("label_threshold", label_threshold)):
+            if share is not None and not 0 <= share <= 1:
+                raise ValueError(f"{name} is a share of examples in [0, 1] or None; got {share}")
+        if label_threshold is not None and auxiliary_labels is None:
+            raise ValueError(
+                "label_threshold needs auxiliary_labels: the label attacks are scored against "
+                "them; pass the auxiliary inputs' class ids, or leave label_threshold=None"
+            )
         if action not in LEAKAGE_ACTIONS:
             raise ValueError(f"action={action!r} is not known; use 'warn' or 'stop'")
         for name, value in (
@@ -209,6 +269,7 @@ class LeakageMonitor:
             )
         self.privacy = privacy or PrivacyConfig()
         self.threshold = threshold
+        self.label_threshold = label_threshold
         self.action = action
         self.every = every
         self.steps_per_round = steps_per_round
@@ -227,7 +288,11 @@ class LeakageMonitor:
         self._train = torch.arange(held_out, kept)
         self._decoder = decoder
         self._optimizer: torch.optim.Optimizer | None = None
-        self._candidates = self._same_label_mask()
+        self._candidates = self._same_label_mask(labels_sent=True)
+        # The label-private split's attacks (bind with a server half).
+        self._label_private = False
+        self._surrogate: nn.Module | None = None
+        self._surrogate_optimizer: torch.optim.Optimizer | None = None
 
     def stops(self, estimate: LeakageEstimate | None) -> bool:
         """Whether ``estimate`` ends the run: above the threshold with ``action="stop"``."""
@@ -238,9 +303,21 @@ class LeakageMonitor:
         last)."""
         return server_round % self.every == 0 or server_round == num_rounds
 
-    def bind(self, client_half: nn.Module, *, activation_shape: tuple[int, ...]) -> None:
+    def bind(
+        self,
+        client_half: nn.Module,
+        *,
+        activation_shape: tuple[int, ...],
+        server_half: nn.Module | None = None,
+    ) -> None:
         """Check that the client half takes the auxiliary inputs and releases
-        ``activation_shape``, and build the default decoder for it."""
+        ``activation_shape``, and build the default decoder for it.
+
+        Pass the ``server_half`` of a label-private split (one whose client heads compute the
+        loss): the labels then stay on the clients, so re-identification does not use them, and
+        :meth:`measure` attacks the labels through that server half (given
+        ``auxiliary_labels``).
+        """
         try:
             activations = self._released(client_half, self._inputs[:2])
         except _NotATensor as err:
@@ -273,15 +350,63 @@ class LeakageMonitor:
                     nn.Unflatten(1, tuple(self._inputs.shape[1:])),
                 )
         self._optimizer = torch.optim.Adam(self._decoder.parameters(), lr=self.learning_rate)
+        self._label_private = server_half is not None
+        self._candidates = self._same_label_mask(labels_sent=not self._label_private)
+        if server_half is not None:
+            self._bind_label_attacks(server_half, activations)
 
-    def measure(self, server_round: int, client_half: nn.Module) -> LeakageEstimate:
+    def _bind_label_attacks(self, server_half: nn.Module, activations: torch.Tensor) -> None:
+        try:
+            outputs = _eval_outputs(server_half, activations)
+        except Exception as err:
+            raise ValueError(
+                f"the server half cannot run on the client half's activations "
+                f"({type(err).__name__}: {err}); bind the server half of the same split"
+            ) from err
+        if self._labels is None:
+            log(
+                WARNING,
+                "[SplitFed] leakage monitor: label-private split without auxiliary_labels: the "
+                "labels' leakage is not estimated; pass the auxiliary inputs' class ids",
+            )
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed)
+            self._surrogate = nn.Sequential(
+                nn.Flatten(), nn.Linear(math.prod(outputs.shape[1:]), int(self._labels.max()) + 1)
+            )
+        self._surrogate_optimizer = torch.optim.Adam(self._surrogate.parameters(), lr=1e-2)
+
+    def measure(
+        self,
+        server_round: int,
+        client_half: nn.Module,
+        *,
+        server_half: nn.Module | None = None,
+        client_head: nn.Module | None = None,
+    ) -> LeakageEstimate:
         """Attack ``client_half`` (the round's merged one): train the decoder further, then
         re-identify the held-out examples from one release each. Logs the estimate, and a
-        ``PRIVACY`` warning above the threshold."""
+        ``PRIVACY`` warning above a threshold.
+
+        In the label-private split, also attack the held-out labels through ``server_half``
+        (the round's) and ``client_head`` (the merged head this process holds; ``None`` where
+        the heads stay on the clients). Neither module is changed.
+        """
         if self._decoder is None or self._optimizer is None:
             raise RuntimeError("bind() the monitor to the split before measure()")
+        if (server_half is not None) != self._label_private:
+            raise ValueError(
+                "measure() takes the server half exactly when bind() was given one (the "
+                "label-private split); pass the same kind of split to both"
+            )
         started = time.perf_counter()
         released = self._released(client_half)
+        labels = (
+            self._attack_labels(released, server_half, client_head)
+            if server_half is not None and self._surrogate is not None
+            else {}
+        )
         self._train_decoder(released[self._train])
         self._decoder.eval()
         with torch.no_grad():
@@ -297,8 +422,10 @@ class LeakageMonitor:
             chance=chance,
             explained_variance=float(1 - residual / spread),
             seconds=time.perf_counter() - started,
-            exceeded=self.threshold is not None and reidentified > self.threshold,
+            exceeded=False,
+            **labels,
         )
+        estimate = dataclasses.replace(estimate, exceeded=self._exceeds(estimate))
         self.history.append(estimate)
         log(
             INFO,
@@ -311,7 +438,19 @@ class LeakageMonitor:
             len(self._held_out),
             estimate.seconds,
         )
-        if estimate.exceeded:
+        recovered = estimate.labels_recovered
+        if recovered is not None:
+            log(
+                INFO,
+                "[SplitFed] labels after round %d: recovered %s (most common label %.3f); "
+                "cosine AUC of the output gradients %.3f",
+                server_round,
+                _recovered_text(estimate),
+                estimate.label_chance,
+                estimate.label_cosine_auc,
+            )
+        stopping = "; stopping the run" if self.action == "stop" else ""
+        if self.threshold is not None and estimate.reidentification > self.threshold:
             log(
                 WARNING,
                 "PRIVACY: after round %d the split server re-identifies %.3f of held-out examples "
@@ -321,9 +460,30 @@ class LeakageMonitor:
                 estimate.reidentification,
                 self.threshold,
                 estimate.chance,
-                "; stopping the run" if self.action == "stop" else "",
+                stopping,
+            )
+        if self.label_threshold is not None and (recovered or 0.0) > self.label_threshold:
+            log(
+                WARNING,
+                "PRIVACY: after round %d the split server's process recovers held-out labels "
+                "(%s), above the label threshold %.3f (most common label %.3f)%s. Keep the "
+                "client heads on the clients (client_heads='local'); against a server with "
+                "labelled data of the task no split keeps labels private (docs/privacy.md)",
+                server_round,
+                _recovered_text(estimate),
+                self.label_threshold,
+                estimate.label_chance,
+                stopping,
             )
         return estimate
+
+    def _exceeds(self, estimate: LeakageEstimate) -> bool:
+        recovered = estimate.labels_recovered
+        return (self.threshold is not None and estimate.reidentification > self.threshold) or (
+            self.label_threshold is not None
+            and recovered is not None
+            and recovered > self.label_threshold
+        )
 
     # -- the attack ------------------------------------------------------------------------------
 
@@ -374,10 +534,10 @@ class LeakageMonitor:
             loss.backward()
             self._optimizer.step()
 
-    def _same_label_mask(self) -> torch.Tensor:
+    def _same_label_mask(self, *, labels_sent: bool) -> torch.Tensor:
         """``[i, j]``: whether held-out example j is a candidate for reconstruction i."""
         count = len(self._held_out)
-        if self._labels is None:
+        if self._labels is None or not labels_sent:
             return torch.ones(count, count, dtype=torch.bool)
         labels = self._labels[self._held_out]
         return labels[:, None] == labels[None, :]
@@ -390,6 +550,124 @@ class LeakageMonitor:
         hits = distances.argmin(dim=1) == torch.arange(len(originals))
         chance = (1.0 / self._candidates.sum(dim=1).double()).mean()
         return float(hits.double().mean()), float(chance)
+
+    # -- the label attacks (label-private split) -------------------------------------------------
+
+    def _attack_labels(
+        self, released: torch.Tensor, server_half: nn.Module, client_head: nn.Module | None
+    ) -> dict[str, float]:
+        """Head-forward, surrogate head and cosine attacks on the held-out labels, from one
+        release of every auxiliary input through the server half."""
+        assert self._labels is not None and self._surrogate is not None
+        outputs = _eval_outputs(server_half, self._release(released))
+        self._train_surrogate(outputs[self._train], self._labels[self._train])
+        held_out, labels = outputs[self._held_out], self._labels[self._held_out]
+        estimate = {"label_chance": float(labels.bincount().max()) / len(labels)}
+        with torch.no_grad():
+            predicted = self._surrogate(held_out).argmax(dim=1)
+        estimate["label_surrogate"] = float((predicted == labels).double().mean())
+        if client_head is not None:
+            logits = _eval_outputs(client_head, held_out)
+            if int(labels.max()) >= logits.shape[1]:
+                raise ValueError(
+                    f"auxiliary_labels go up to {int(labels.max())}, but the client head has "
+                    f"{logits.shape[1]} outputs; give labels of the clients' classes"
+                )
+            predicted = logits.argmax(dim=1)
+            estimate["label_head_forward"] = float((predicted == labels).double().mean())
+        gradients = self._output_gradients(client_head or self._surrogate, held_out, labels)
+        # Each client-sized batch noised as a client noises its own (to the batch's mean norm).
+        batch_ids = torch.arange(len(labels)) * max(1, len(labels) // self.client_batch_size)
+        batch_ids = batch_ids // len(labels)
+        for batch in torch.unique(batch_ids):
+            rows = batch_ids == batch
+            gradients[rows] = self.privacy.protect_output_gradient(
+                gradients[rows], generator=self._generator
+            )
+        estimate["label_cosine_auc"] = cosine_attack_auc(gradients, labels, batch_ids)
+        return estimate
+
+    def _train_surrogate(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        assert self._surrogate is not None and self._surrogate_optimizer is not None
+        for _ in range(self.steps_per_round):
+            loss = nn.functional.cross_entropy(self._surrogate(features), labels)
+            self._surrogate_optimizer.zero_grad()
+            loss.backward()
+            self._surrogate_optimizer.step()
+
+    @staticmethod
+    def _output_gradients(
+        head: nn.Module, outputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Each example's gradient of the cross-entropy at the server half's output, through
+        ``head`` in eval mode: what a client sends up. The head's gradients are not touched."""
+        device = _device_of(head)
+        training = head.training
+        head.eval()
+        try:
+            leaf = outputs.to(device).requires_grad_(True)
+            logits = head(leaf)
+            loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, leaf)
+        finally:
+            head.train(training)
+        return gradient.detach().float().cpu()
+
+
+def cosine_attack_auc(
+    gradients: torch.Tensor, labels: torch.Tensor, batch_ids: torch.Tensor
+) -> float:
+    """The cosine attack: how well the cosine of two gradients of the same batch tells whether
+    their examples share a label (ROC AUC over all pairs within batches; 0.5 where all pairs
+    agree or all differ: nothing to tell apart)."""
+    directions = nn.functional.normalize(gradients.flatten(1).double(), dim=1)
+    scores, same = [], []
+    for batch in torch.unique(batch_ids):
+        rows = (batch_ids == batch).nonzero().flatten()
+        first, second = rows[torch.triu_indices(len(rows), len(rows), offset=1)]
+        scores.append((directions[first] * directions[second]).sum(dim=1))
+        same.append(labels[first] == labels[second])
+    return roc_auc(torch.cat(scores), torch.cat(same))
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` examples (the Mann-Whitney
+    statistic, ties counted half); 0.5 where one class is absent."""
+    positives = int(positive.sum())
+    negatives = len(positive) - positives
+    if positives == 0 or negatives == 0:
+        return 0.5
+    order = scores.argsort()
+    _, group, counts = torch.unique_consecutive(
+        scores[order], return_inverse=True, return_counts=True
+    )
+    last = counts.cumsum(0).double()
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    ranks[order] = ((last - counts + 1 + last) / 2)[group]  # a tie's mean rank
+    u = ranks[positive].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * negatives))
+
+
+def _eval_outputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``module``'s outputs for ``inputs`` in eval mode, on its device, back as float32 on the
+    CPU; its mode is left as it was."""
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            outputs = module(inputs.to(_device_of(module)))
+    finally:
+        module.train(training)
+    if not isinstance(outputs, torch.Tensor):
+        raise _NotATensor(outputs)
+    return outputs.float().cpu()
+
+
+def _recovered_text(estimate: LeakageEstimate) -> str:
+    parts = [f"{estimate.label_surrogate:.3f} by a head trained on labelled auxiliary data"]
+    if estimate.label_head_forward is not None:
+        parts.insert(0, f"{estimate.label_head_forward:.3f} by the client head this process holds")
+    return ", ".join(parts)
 
 
 class _NotATensor(Exception):

@@ -154,8 +154,10 @@ class SplitFed(Strategy):
         evaluation): :meth:`global_model` has no head to assemble.
     leakage_monitor : LeakageMonitor | None (default: None)
         After each merged round (every ``leakage_monitor.every``), estimate what this process
-        could reconstruct of the clients' inputs from the merged client half (see
-        :class:`splitfed.LeakageMonitor`); the estimate joins the round's metrics
+        could reconstruct of the clients' inputs from the merged client half, and in the
+        label-private split what it could recover of their labels through the server half and
+        the client head it holds (see :class:`splitfed.LeakageMonitor`); the estimate joins the
+        round's metrics
         (``leakage-`` keys), and with ``action="stop"`` a round above its threshold ends the
         run after that round's evaluation.
     """
@@ -282,7 +284,11 @@ class SplitFed(Strategy):
         )
         self.leakage_monitor = leakage_monitor
         if leakage_monitor is not None:
-            leakage_monitor.bind(self._split.client_half, activation_shape=split.activation_shape)
+            leakage_monitor.bind(
+                self._split.client_half,
+                activation_shape=split.activation_shape,
+                server_half=self._split.server_half if self.label_private else None,
+            )
         self._root_certificates = tls.root_certificates.decode() if tls else ""
         self._num_rounds = 0
         self._round_started = 0.0
@@ -510,8 +516,13 @@ class SplitFed(Strategy):
             or not monitor.due(server_round, self._num_rounds)
         ):
             return None
-        self._split.load_client_state_dict(result.arrays.to_torch_state_dict())
-        estimate = monitor.measure(server_round, self._split.client_half)
+        self._load_global(result.arrays)
+        estimate = monitor.measure(
+            server_round,
+            self._split.client_half,
+            server_half=self._split.server_half if self.label_private else None,
+            client_head=self._split.client_head,
+        )
         for key, value in estimate.metrics().items():
             metrics[key] = value
         metrics["leakage-exceeded"] = int(estimate.exceeded)
@@ -562,9 +573,14 @@ class SplitFed(Strategy):
                 "whole model here to evaluate centrally: pass no evaluate_fn and measure accuracy "
                 "with federated evaluation (the aggregator's fraction_evaluate > 0)"
             )
+        self._load_global(arrays)
+        return self._split.full_model()
+
+    def _load_global(self, arrays: ArrayRecord) -> None:
+        """Load the strategy's own copy of the split: the client side (and client head, where
+        the aggregator holds it) from ``arrays``, the global server half from the trainer."""
         self._split.load_client_state_dict(arrays.to_torch_state_dict())
         self._split.server_half.load_state_dict(self.trainer.server_half.state_dict())
-        return self._split.full_model()
 
     # -- helpers --------------------------------------------------------------------------------
 

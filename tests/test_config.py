@@ -425,6 +425,11 @@ def test_app_config_accepts_bools_and_bool_strings(value: object, expected: bool
             "fraction-evaluate must be above 0",
         ),
         ({"leakage-threshold": 1.5}, r"leakage-threshold=1.5 must be in \[0, 1\]"),
+        (
+            {"leakage-label-threshold": -0.1, "label-private": True},
+            r"leakage-label-threshold=-0.1 must be in \[0, 1\] \(a share of labels recovered",
+        ),
+        ({"leakage-label-threshold": 0.5}, "leakage-label-threshold applies to the label-private"),
         ({"leakage-action": "halt"}, "leakage-action='halt' must be one of 'warn', 'stop'"),
         ({"leakage-steps": 0}, "leakage-steps=0 must be at least 1"),
         (

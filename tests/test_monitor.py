@@ -3,6 +3,7 @@ and a run it stops under `flwr run`."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from splitfed import LeakageMonitor, PrivacyConfig
+from splitfed.monitor import roc_auc
 
 FEATURES = 16
 
@@ -217,6 +219,175 @@ class _TwoOutputs(nn.Module):
         return self.linear(inputs), inputs
 
 
+# -- the label-private split: its labels attacked through the server half ---------------------
+
+CLASSES = 4
+OUTPUTS = 8
+
+
+def labelled_inputs(count: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs whose class is in their first coordinates: class c adds 3 to input c."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (count,), generator=generator)
+    inputs = torch.randn(count, FEATURES, generator=generator)
+    inputs[torch.arange(count), labels] += 3.0
+    return inputs, labels
+
+
+def identity_server_half() -> nn.Module:
+    """Passes the first OUTPUTS coordinates on: the class shows in its outputs."""
+    half = nn.Linear(FEATURES, OUTPUTS)
+    with torch.no_grad():
+        half.weight.copy_(torch.eye(OUTPUTS, FEATURES))
+        half.bias.zero_()
+    return half
+
+
+def class_head() -> nn.Module:
+    """Reads the class off the server half's outputs: the head a converged client holds."""
+    head = nn.Linear(OUTPUTS, CLASSES)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(CLASSES, OUTPUTS))
+        head.bias.zero_()
+    return head
+
+
+def label_private_monitor(server_half: nn.Module, **kwargs) -> tuple[LeakageMonitor, nn.Module]:
+    inputs, labels = labelled_inputs()
+    client_half = nn.Identity()
+    monitor = LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels, **kwargs)
+    monitor.bind(client_half, activation_shape=(FEATURES,), server_half=server_half)
+    return monitor, client_half
+
+
+def test_roc_auc_is_the_mann_whitney_statistic_with_ties_counted_half():
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (300,), generator=generator).double()  # many ties
+    positive = torch.rand(300, generator=generator) < scores / 8
+    assert roc_auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
+    assert roc_auc(scores, torch.ones(300, dtype=torch.bool)) == 0.5
+
+
+def test_the_head_this_process_holds_labels_what_it_classifies_and_the_surrogate_learns_it():
+    server_half, head = identity_server_half(), class_head()
+    monitor, client_half = label_private_monitor(server_half, steps_per_round=300)
+    estimate = monitor.measure(1, client_half, server_half=server_half, client_head=head)
+    # By hand: the head on the held-out examples' server-half outputs.
+    inputs, labels = monitor._inputs[monitor._held_out], monitor._labels[monitor._held_out]
+    expected = (head(server_half(inputs)).argmax(dim=1) == labels).double().mean()
+    assert estimate.label_head_forward == pytest.approx(float(expected))
+    assert estimate.label_head_forward > 0.85
+    assert estimate.label_surrogate > 0.85  # the class is linear in the outputs
+    counts = labels.bincount()
+    assert estimate.label_chance == pytest.approx(float(counts.max() / counts.sum()))
+    # Gradients p - y at well-separated classes: same-label pairs point alike.
+    assert estimate.label_cosine_auc > 0.9
+    assert estimate.labels_recovered == max(estimate.label_head_forward, estimate.label_surrogate)
+    assert {
+        "leakage-label-head-forward",
+        "leakage-label-surrogate",
+        "leakage-label-chance",
+        "leakage-label-cosine-auc",
+    } <= set(estimate.metrics())
+    # The labels stay on the clients: re-identification picks among every held-out example.
+    assert estimate.chance == pytest.approx(1 / len(monitor._held_out))
+
+
+def test_a_server_half_that_forgets_its_input_hides_labels_from_the_surrogate_not_the_gradients():
+    server_half = nn.Linear(FEATURES, OUTPUTS)
+    nn.init.zeros_(server_half.weight)
+    nn.init.zeros_(server_half.bias)
+    monitor, client_half = label_private_monitor(server_half, steps_per_round=200)
+    estimate = monitor.measure(1, client_half, server_half=server_half, client_head=class_head())
+    # Constant outputs: every example gets the same prediction, the most common label at best.
+    assert estimate.label_surrogate <= estimate.label_chance + 1e-9
+    # ...but the gradient of the loss still carries the label itself.
+    assert estimate.label_cosine_auc > 0.99
+
+
+def test_label_noise_drowns_the_cosine_attack_and_local_heads_leave_head_forward_out():
+    server_half = identity_server_half()
+    monitor, client_half = label_private_monitor(
+        server_half, steps_per_round=100, privacy=PrivacyConfig(label_noise_multiplier=100.0)
+    )
+    # Heads kept on the clients: no head here; the gradients are taken through the surrogate.
+    estimate = monitor.measure(1, client_half, server_half=server_half, client_head=None)
+    assert estimate.label_head_forward is None
+    assert "leakage-label-head-forward" not in estimate.metrics()
+    assert estimate.label_cosine_auc == pytest.approx(0.5, abs=0.08)
+    assert estimate.label_surrogate > 0.85
+
+
+def test_the_label_threshold_warns_and_with_stop_stops(caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    server_half = identity_server_half()
+    monitor, client_half = label_private_monitor(
+        server_half, steps_per_round=100, label_threshold=0.5, action="stop"
+    )
+    estimate = monitor.measure(1, client_half, server_half=server_half, client_head=class_head())
+    assert estimate.exceeded and monitor.stops(estimate)
+    assert (
+        "recovers held-out labels (0." in caplog.text
+        and "above the label threshold 0.500" in caplog.text
+    )
+    calm, _ = label_private_monitor(server_half, steps_per_round=1, label_threshold=1.0)
+    assert not calm.measure(1, client_half, server_half=server_half).exceeded
+
+
+def test_attacking_labels_leaves_the_server_half_the_head_and_the_random_state_alone():
+    server_half = nn.Sequential(
+        nn.Linear(FEATURES, OUTPUTS), nn.BatchNorm1d(OUTPUTS), nn.Dropout(0.3)
+    )
+    head = nn.Sequential(nn.Linear(OUTPUTS, CLASSES), nn.Dropout(0.3))
+    modules = {"server half": server_half, "head": head}
+    before = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+    monitor, client_half = label_private_monitor(server_half, steps_per_round=5)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    monitor.measure(1, client_half, server_half=server_half, client_head=head)
+    assert torch.equal(torch.rand(3), expected)
+    for name, module in modules.items():
+        assert module.training, name
+        assert all(p.grad is None for p in module.parameters()), name
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, before[name][key]), (name, key)
+
+
+def test_label_attacks_refuse_what_they_cannot_score():
+    inputs, labels = labelled_inputs()
+    with pytest.raises(ValueError, match="label_threshold needs auxiliary_labels"):
+        LeakageMonitor(auxiliary_inputs=inputs, label_threshold=0.5)
+    server_half = identity_server_half()
+    monitor, client_half = label_private_monitor(server_half)
+    with pytest.raises(ValueError, match="exactly when bind"):
+        monitor.measure(1, client_half)
+    with pytest.raises(ValueError, match="the client head has 2 outputs"):
+        monitor.measure(1, client_half, server_half=server_half, client_head=nn.Linear(OUTPUTS, 2))
+    plain = LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels)
+    plain.bind(client_half, activation_shape=(FEATURES,))
+    with pytest.raises(ValueError, match="exactly when bind"):
+        plain.measure(1, client_half, server_half=server_half)
+    with pytest.raises(ValueError, match="server half cannot run on the client half's"):
+        LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels).bind(
+            client_half, activation_shape=(FEATURES,), server_half=nn.Linear(3, 2)
+        )
+
+
+def test_without_labels_the_label_private_split_says_labels_go_unmeasured(caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    inputs, _ = labelled_inputs()
+    monitor = LeakageMonitor(auxiliary_inputs=inputs, steps_per_round=2)
+    server_half = identity_server_half()
+    monitor.bind(nn.Identity(), activation_shape=(FEATURES,), server_half=server_half)
+    assert "labels' leakage is not estimated" in caplog.text
+    estimate = monitor.measure(1, nn.Identity(), server_half=server_half)
+    assert estimate.labels_recovered is None
+    assert not any(key.startswith("leakage-label") for key in estimate.metrics())
+
+
 def _escaped(text: str) -> str:
     import re
 
@@ -265,8 +436,48 @@ def test_the_launchers_table_shows_leakage_and_falls_back_to_federated_accuracy(
     assert "re-id (chance)" in watched[0] and "test acc" in watched[0]
     assert watched[2].split()[-2] == "-"  # round 1 not measured
     assert "0.75 (0.11)" in watched[3]
+    labelled = format_table(
+        {
+            1: {
+                **base,
+                "test-accuracy": 0.9,
+                "leakage-reidentification": 0.5,
+                "leakage-reidentification-chance": 0.01,
+                "leakage-label-surrogate": 0.93,
+                "leakage-label-head-forward": 0.97,
+                "leakage-label-chance": 0.63,
+            }
+        }
+    ).splitlines()
+    assert "labels (chance)" in labelled[0] and "0.97 (0.63)" in labelled[2]
+    assert "labels" not in watched[0]
     federated = format_table(
         {1: {**base, "federated-eval-accuracy": 0.875, "federated-eval-loss": 0.3}}
     ).splitlines()
     assert "fed acc" in federated[0] and "re-id" not in federated[0]
     assert "0.8750" in federated[2]
+
+
+def test_the_runs_picture_adds_a_row_for_the_labels_where_they_were_attacked(tmp_path):
+    from PIL import Image
+
+    from simulation.app.plots import plot_run
+
+    watched = {
+        "leakage-reidentification": 0.5,
+        "leakage-reidentification-chance": 0.01,
+        "leakage-explained-variance": 0.6,
+    }
+    labels = {
+        "leakage-label-surrogate": 0.9,
+        "leakage-label-chance": 0.6,
+        "leakage-label-cosine-auc": 0.8,
+    }
+    base = {"test-accuracy": 0.9, "test-loss": 0.3, "data-plane-bytes": 1e6, "round-seconds": 1}
+    heights = {}
+    for name, extra in (("watched", watched), ("labels", {**watched, **labels})):
+        history = {r: {**base, **extra} for r in (1, 2)}
+        path = plot_run(history, path=tmp_path / f"{name}.png", title=name)
+        heights[name] = Image.open(path).size[1]
+    # Four rows of plots against three.
+    assert heights["labels"] == pytest.approx(heights["watched"] * 4 / 3, rel=0.02)

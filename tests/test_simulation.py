@@ -202,7 +202,9 @@ def test_splitfed_reaches_95_percent_on_held_out_digits(variant, launch):
     # SFLV1 as the demo runs it (a private Ray instance); SFLV2 on the cluster, with the server
     # step the README advises for it: at the default 0.05 its accuracy swings from round to round
     # (0.950-0.992 after 10 rounds, seeds 0-5, in process), at 0.01 0.978-0.989.
-    run_config = {"variant": variant} if variant == "v1" else {"variant": variant, "server-lr": 0.01}
+    run_config = (
+        {"variant": variant} if variant == "v1" else {"variant": variant, "server-lr": 0.01}
+    )
     result = launch(run_config=run_config, num_supernodes=10, private_ray=variant == "v1")
     assert result.completed, result.failure_report()
     final = result.metrics[max(result.metrics)]
@@ -298,15 +300,28 @@ the tests' bound)."""
 
 
 def test_an_mlp_learns_the_tabular_breast_cancer_task_in_the_label_private_split(launch):
-    result = launch(run_config=TABLE_LABEL_PRIVATE, num_supernodes=4)
+    # Watched by the leakage monitor: with shared heads, the head the ServerApp merges labels
+    # what the model classifies.
+    result = launch(run_config={**TABLE_LABEL_PRIVATE, "leakage-monitor": True}, num_supernodes=4)
     assert result.completed, result.failure_report()
     final = result.metrics[3]
     assert final["test-accuracy"] > 0.9, result.metrics
     assert final["federated-eval-accuracy"] > 0.9, result.metrics
+    for m in result.metrics.values():
+        assert m["leakage-label-head-forward"] > m["leakage-label-chance"], m
+        assert 0.0 <= m["leakage-label-cosine-auc"] <= 1.0, m
+    assert final["leakage-label-head-forward"] > 0.8, result.metrics
+    assert final["leakage-label-surrogate"] > 0.8, result.metrics
+    assert "labels after round 3: recovered" in result.log
 
 
 def test_client_heads_kept_on_the_clients_never_reach_the_server_app(launch):
-    overrides = {**TABLE_LABEL_PRIVATE, "client-heads": "local", **FROM_SEED}
+    overrides = {
+        **TABLE_LABEL_PRIVATE,
+        "client-heads": "local",
+        "leakage-monitor": True,
+        **FROM_SEED,
+    }
     result = launch(run_config=overrides, num_supernodes=4)
     assert result.completed, result.failure_report()
     final = result.metrics[3]
@@ -317,6 +332,9 @@ def test_client_heads_kept_on_the_clients_never_reach_the_server_app(launch):
     # data), not as high as shared heads.
     assert final["federated-eval-accuracy"] > 0.8, result.metrics
     assert "final federated accuracy" in result.log
+    # The monitor holds no head to run; a head trained on its own labelled data still labels.
+    assert "leakage-label-head-forward" not in final
+    assert final["leakage-label-surrogate"] > final["leakage-label-chance"], result.metrics
     assert "client_heads='shared'" not in result.log  # the shared-heads PRIVACY warning
     saved = torch.load(result.output_dir / "model.pt")
     config = AppConfig.from_run_config(overrides)

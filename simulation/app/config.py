@@ -48,6 +48,7 @@ server)."""
 _WATCHING_ONLY = {
     "leakage_monitor": False,
     "leakage_threshold": 1.0,
+    "leakage_label_threshold": 1.0,
     "leakage_action": "warn",
     "leakage_every": 1,
     "leakage_steps": 1,
@@ -168,6 +169,7 @@ class AppConfig:
     data_plane_compression: str = _default("data-plane-compression")
     leakage_monitor: bool = _default("leakage-monitor")
     leakage_threshold: float = _default("leakage-threshold")
+    leakage_label_threshold: float = _default("leakage-label-threshold")
     leakage_action: str = _default("leakage-action")
     leakage_every: int = _default("leakage-every")
     leakage_steps: int = _default("leakage-steps")
@@ -271,10 +273,18 @@ class AppConfig:
             problems.append(
                 "leakage-monitor=true watches what crosses the cut; variant='fedavg' has none"
             )
-        if not 0.0 <= self.leakage_threshold <= 1.0:
+        for key, share, what in (
+            ("leakage-threshold", self.leakage_threshold, "examples re-identified"),
+            ("leakage-label-threshold", self.leakage_label_threshold, "labels recovered"),
+        ):
+            if not 0.0 <= share <= 1.0:
+                problems.append(
+                    f"{key}={share} must be in [0, 1] (a share of {what}; 1.0 never warns)"
+                )
+        if self.leakage_label_threshold < 1.0 and not self.label_private:
             problems.append(
-                f"leakage-threshold={self.leakage_threshold} must be in [0, 1] (a share of "
-                "examples re-identified; 1.0 never warns)"
+                "leakage-label-threshold applies to the label-private split (label-private="
+                "true); the plain split sends the labels"
             )
         if self.leakage_action not in LEAKAGE_ACTIONS:
             problems.append(

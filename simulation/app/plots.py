@@ -20,7 +20,9 @@ def plot_run(
     Four panels: test accuracy and loss (central, from round 0 with ``initial``, and federated
     where clients evaluated), data-plane megabytes, and round seconds (the first round includes
     the engine's start-up); two more where the leakage monitor ran: re-identification against
-    chance, and the inputs' variance the reconstructions explain. Returns ``path``.
+    chance, and the inputs' variance the reconstructions explain; two more where it attacked
+    labels (label-private split): the labels recovered against the most common label's share,
+    and the cosine attack's ROC AUC against 0.5. Returns ``path``.
     """
     import matplotlib
 
@@ -38,8 +40,10 @@ def plot_run(
         return [r for r, _ in points], [y for _, y in points]
 
     monitored = any("leakage-reidentification" in values for values in rows.values())
+    labels_attacked = any("leakage-label-surrogate" in values for values in rows.values())
+    rows_of_plots = 2 + monitored + labels_attacked
     figure, axes = plt.subplots(
-        3 if monitored else 2, 2, figsize=(10, 9.5 if monitored else 6.5), constrained_layout=True
+        rows_of_plots, 2, figsize=(10, 3.25 * rows_of_plots), constrained_layout=True
     )
     for axis, metric in ((axes[0, 0], "accuracy"), (axes[0, 1], "loss")):
         for key, label in (
@@ -73,6 +77,26 @@ def plot_run(
                 xs, ys = series("leakage-reidentification-chance")
                 axis.plot(xs, ys, linestyle="--", color="gray", label="chance")
             axis.set_title(heading)
+            axis.set_ylim(0, 1.05)
+            axis.legend(loc="best", fontsize="small")
+    if labels_attacked:
+        recovered, gradients = axes[3, 0], axes[3, 1]
+        for key, label, style in (
+            ("leakage-label-head-forward", "the client head it holds", "-"),
+            ("leakage-label-surrogate", "a head trained on labelled data", "-"),
+            ("leakage-label-chance", "most common label", "--"),
+        ):
+            xs, ys = series(key)
+            if xs:
+                recovered.plot(
+                    xs, ys, marker="o" if style == "-" else "", linestyle=style, label=label
+                )
+        recovered.set_title("leakage: held-out labels recovered")
+        xs, ys = series("leakage-label-cosine-auc")
+        gradients.plot(xs, ys, marker="o", color="tab:red", label="cosine attack")
+        gradients.axhline(0.5, linestyle="--", color="gray", label="chance")
+        gradients.set_title("leakage: labels from output gradients (ROC AUC)")
+        for axis in (recovered, gradients):
             axis.set_ylim(0, 1.05)
             axis.legend(loc="best", fontsize="small")
     for axis in axes.flat:

@@ -130,15 +130,19 @@ def leakage_monitor(
     config: AppConfig, test_inputs: torch.Tensor, test_labels: torch.Tensor
 ) -> LeakageMonitor | None:
     """The leakage monitor the run config asks for, attacking with the ServerApp's own test
-    inputs (data the clients never train on). The plain split sends labels, so its attacker
-    re-identifies among examples of the same class; the label-private split's cannot."""
+    examples (data the clients never train on). The plain split sends labels, so its attacker
+    re-identifies among examples of the same class; in the label-private split the labels are
+    what it attacks."""
     if not config.leakage_monitor:
         return None
     return LeakageMonitor(
         auxiliary_inputs=test_inputs,
-        auxiliary_labels=None if config.label_private else test_labels,
+        auxiliary_labels=test_labels,
         privacy=config.privacy(),
         threshold=config.leakage_threshold if config.leakage_threshold < 1.0 else None,
+        label_threshold=(
+            config.leakage_label_threshold if config.leakage_label_threshold < 1.0 else None
+        ),
         action=config.leakage_action,
         every=config.leakage_every,
         steps_per_round=config.leakage_steps,
@@ -201,30 +205,31 @@ def report(
 ) -> None:
     """Log the final accuracy; write the model (or the state this process holds), metrics and
     their picture to ``output_dir``."""
-    if result.evaluate_metrics_serverapp:
-        # The last round evaluated: a run the leakage monitor stopped ends early.
-        last_round = max(result.evaluate_metrics_serverapp)
-        final = result.evaluate_metrics_serverapp[last_round]
-        log(
-            INFO,
-            "[SplitFed] final test accuracy %.4f (loss %.4f) after %d rounds of %s",
-            final["test-accuracy"],
-            final["test-loss"],
-            last_round,
-            description,
-        )
-    elif result.evaluate_metrics_clientapp:
-        last_round = max(result.evaluate_metrics_clientapp)
-        final = result.evaluate_metrics_clientapp[last_round]
-        log(
-            INFO,
-            "[SplitFed] final federated accuracy %.4f (loss %.4f, on the clients' own test "
-            "data) after %d rounds of %s",
-            final["eval-accuracy"],
-            final["eval-loss"],
-            last_round,
-            description,
-        )
+    evaluations = (
+        ("test", "", result.evaluate_metrics_serverapp, "test-"),
+        (
+            "federated",
+            ", on the clients' own test data",
+            result.evaluate_metrics_clientapp,
+            "eval-",
+        ),
+    )
+    for what, where, history, prefix in evaluations:
+        if history:
+            # The last round evaluated: a run the leakage monitor stopped ends early.
+            last_round = max(history)
+            final = history[last_round]
+            log(
+                INFO,
+                "[SplitFed] final %s accuracy %.4f (loss %.4f%s) after %d rounds of %s",
+                what,
+                final[f"{prefix}accuracy"],
+                final[f"{prefix}loss"],
+                where,
+                last_round,
+                description,
+            )
+            break
     else:
         log(WARNING, "[SplitFed] no round was evaluated: no accuracy to report (%s)", description)
     if output_dir is not None:

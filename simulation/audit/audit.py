@@ -82,6 +82,7 @@ from splitfed import (
     split_model,
 )
 from splitfed.client import _initialise_head as initialise_client_head
+from splitfed.monitor import cosine_attack_auc, roc_auc
 from splitfed.privacy import ClientSecret, distance_correlation
 
 from ..app.config import AppConfig
@@ -254,42 +255,15 @@ def linking_chance(query_labels: np.ndarray, candidate_labels: np.ndarray) -> fl
 def norm_attack_auc(gradients: torch.Tensor, labels: torch.Tensor) -> float:
     """The norm attack: for each class, how well the gradient norm tells that class from the
     rest (ROC AUC, the better direction), averaged over the classes present."""
-    from sklearn.metrics import roc_auc_score
-
-    norms = gradients.flatten(1).norm(dim=1).numpy()
-    labels = labels.numpy()
+    norms = gradients.flatten(1).norm(dim=1)
     scores = []
-    for label in np.unique(labels):
+    for label in torch.unique(labels):
         positive = labels == label
         if positive.all():
             continue
-        auc = roc_auc_score(positive, norms)
+        auc = roc_auc(norms, positive)
         scores.append(max(auc, 1 - auc))
     return float(np.mean(scores)) if scores else 0.5
-
-
-def cosine_attack_auc(
-    gradients: torch.Tensor, labels: torch.Tensor, batch_ids: torch.Tensor
-) -> float:
-    """The cosine attack: how well the cosine of two gradients of the same batch tells whether
-    their examples share a label (ROC AUC over all pairs within batches)."""
-    from sklearn.metrics import roc_auc_score
-
-    flat = nn.functional.normalize(gradients.flatten(1).double(), dim=1)
-    scores, same = [], []
-    for batch in torch.unique(batch_ids):
-        rows = (batch_ids == batch).nonzero().flatten()
-        if len(rows) < 2:
-            continue
-        cosines = flat[rows] @ flat[rows].T
-        upper = torch.triu_indices(len(rows), len(rows), offset=1)
-        scores.append(cosines[upper[0], upper[1]])
-        batch_labels = labels[rows]
-        same.append(batch_labels[upper[0]] == batch_labels[upper[1]])
-    scores_all, same_all = torch.cat(scores).numpy(), torch.cat(same).numpy()
-    if same_all.all() or not same_all.any():
-        return 0.5
-    return float(roc_auc_score(same_all, scores_all))
 
 
 def cluster_attack_accuracy(

@@ -214,8 +214,8 @@ def run_status(env: dict[str, str], run_id: int | None, *, connection: str) -> t
 def format_table(metrics: dict[int, dict[str, float]]) -> str:
     """The per-round table the launcher prints at the end: accuracy and loss (central, or the
     clients' federated evaluation where the ServerApp holds no whole model), what crossed the
-    data plane and the model sync, the leakage monitor's re-identification where it ran, and
-    the round's seconds."""
+    data plane and the model sync, the leakage monitor's re-identification and labels recovered
+    where it ran, and the round's seconds."""
     rounds = [metrics[r] for r in sorted(metrics)]
     central = any("test-accuracy" in m for m in rounds)
     prefix = "test" if central else "federated-eval"
@@ -244,6 +244,15 @@ def format_table(metrics: dict[int, dict[str, float]]) -> str:
             )
 
         columns.append(("re-id (chance)", 14, leakage))
+    if any("leakage-label-surrogate" in m for m in rounds):
+
+        def labels(m: dict[str, float]) -> str:
+            if "leakage-label-surrogate" not in m:
+                return "-"
+            recovered = max(m["leakage-label-surrogate"], m.get("leakage-label-head-forward", 0.0))
+            return f"{recovered:.2f} ({m['leakage-label-chance']:.2f})"
+
+        columns.append(("labels (chance)", 15, labels))
     columns.append(("seconds", 7, lambda m: f"{m.get('round-seconds', nan):.2f}"))
     header = "  ".join([f"{'round':>5}", *(f"{name:>{width}}" for name, width, _ in columns)])
     rows = [header, "-" * len(header)]
