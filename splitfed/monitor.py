@@ -128,7 +128,8 @@ class LeakageEstimate:
 
 class LeakageMonitor:
     """Estimate after each round how much the merged client half's activations reveal of the
-    inputs, as the split server's own process could; warn or stop above a threshold.
+    inputs (and, in the label-private split, what the process recovers of the labels), as the
+    split server's own process could; warn or stop above a threshold.
 
     Pass it to :class:`~splitfed.SplitFed` (``leakage_monitor=``); the strategy calls
     :meth:`measure` after each merged round and adds the estimate to the round's metrics.
