@@ -234,22 +234,23 @@ def labelled_inputs(count: int = 400, seed: int = 0) -> tuple[torch.Tensor, torc
     return inputs, labels
 
 
+def selector(inputs: int, outputs: int) -> nn.Module:
+    """A linear layer that passes its first ``outputs`` inputs on unchanged."""
+    layer = nn.Linear(inputs, outputs)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(outputs, inputs))
+        layer.bias.zero_()
+    return layer
+
+
 def identity_server_half() -> nn.Module:
     """Passes the first OUTPUTS coordinates on: the class shows in its outputs."""
-    half = nn.Linear(FEATURES, OUTPUTS)
-    with torch.no_grad():
-        half.weight.copy_(torch.eye(OUTPUTS, FEATURES))
-        half.bias.zero_()
-    return half
+    return selector(FEATURES, OUTPUTS)
 
 
 def class_head() -> nn.Module:
     """Reads the class off the server half's outputs: the head a converged client holds."""
-    head = nn.Linear(OUTPUTS, CLASSES)
-    with torch.no_grad():
-        head.weight.copy_(torch.eye(CLASSES, OUTPUTS))
-        head.bias.zero_()
-    return head
+    return selector(OUTPUTS, CLASSES)
 
 
 def label_private_monitor(server_half: nn.Module, **kwargs) -> tuple[LeakageMonitor, nn.Module]:
