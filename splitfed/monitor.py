@@ -36,9 +36,11 @@ split server's process ``steps_per_round`` decoder steps a measured round, timed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -282,8 +284,9 @@ class LeakageMonitor:
         # Kept on the CPU with the decoder: the client half may be anywhere, its activations
         # come back here.
         self._inputs = auxiliary_inputs.detach()[order].float().cpu()
+        # int64, as cross_entropy and bincount take class ids.
         self._labels = (
-            auxiliary_labels.detach()[order].cpu() if auxiliary_labels is not None else None
+            auxiliary_labels.detach()[order].cpu().long() if auxiliary_labels is not None else None
         )
         self._held_out = torch.arange(held_out)
         self._train = torch.arange(held_out, kept)
@@ -341,8 +344,7 @@ class LeakageMonitor:
         if self._decoder is None:
             # Initialised from the monitor's seed, leaving the process's random state alone:
             # watching a run must not change it.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._seed)
+            with _seeded(self._seed, torch.device("cpu")):
                 self._decoder = nn.Sequential(
                     nn.Flatten(),
                     nn.Linear(math.prod(activation_shape), 512),
@@ -351,6 +353,11 @@ class LeakageMonitor:
                     nn.Unflatten(1, tuple(self._inputs.shape[1:])),
                 )
         self._optimizer = torch.optim.Adam(self._decoder.parameters(), lr=self.learning_rate)
+        if server_half is None and self.label_threshold is not None:
+            raise ValueError(
+                "label_threshold applies to the label-private split (bind with its server_half); "
+                "this split sends the labels to the server: leave label_threshold=None"
+            )
         self._label_private = server_half is not None
         self._candidates = self._same_label_mask(labels_sent=not self._label_private)
         if server_half is not None:
@@ -371,8 +378,7 @@ class LeakageMonitor:
                 "labels' leakage is not estimated; pass the auxiliary inputs' class ids",
             )
             return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed)
+        with _seeded(self._seed, torch.device("cpu")):
             self._surrogate = nn.Sequential(
                 nn.Flatten(), nn.Linear(math.prod(outputs.shape[1:]), int(self._labels.max()) + 1)
             )
@@ -495,15 +501,12 @@ class LeakageMonitor:
         the process's random state are left as they were: watching a run does not change it."""
         inputs = self._inputs if inputs is None else inputs
         device = _device_of(client_half)
-        training = client_half.training
         buffers = {name: value.clone() for name, value in client_half.named_buffers()}
         # Nearly equal batches: a last batch of one example would break batch statistics.
         batches = torch.tensor_split(inputs, max(1, len(inputs) // self.client_batch_size))
-        rng_devices = [device] if device.type == "cuda" else []
-        client_half.train()
+        seed = int(torch.randint(2**62, (), generator=self._generator))
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(int(torch.randint(2**62, (), generator=self._generator)))
+            with torch.no_grad(), _in_mode(client_half, training=True), _seeded(seed, device):
                 released = []
                 for batch in batches:
                     activations = client_half(batch.to(device))
@@ -512,7 +515,6 @@ class LeakageMonitor:
                     released.append(activations.float().cpu())
                 return torch.cat(released)
         finally:
-            client_half.train(training)
             with torch.no_grad():
                 for name, value in client_half.named_buffers():
                     value.copy_(buffers[name])
@@ -576,7 +578,8 @@ class LeakageMonitor:
                 )
             predicted = logits.argmax(dim=1)
             estimate["label_head_forward"] = float((predicted == labels).double().mean())
-        gradients = self._output_gradients(client_head or self._surrogate, held_out, labels)
+        head = client_head if client_head is not None else self._surrogate
+        gradients = self._output_gradients(head, held_out, labels)
         # Each client-sized batch noised as a client noises its own (to the batch's mean norm).
         batch_ids = torch.arange(len(labels)) * max(1, len(labels) // self.client_batch_size)
         batch_ids = batch_ids // len(labels)
@@ -603,15 +606,11 @@ class LeakageMonitor:
         """Each example's gradient of the cross-entropy at the server half's output, through
         ``head`` in eval mode: what a client sends up. The head's gradients are not touched."""
         device = _device_of(head)
-        training = head.training
-        head.eval()
-        try:
-            leaf = outputs.to(device).requires_grad_(True)
+        with _in_mode(head, training=False):
+            leaf = outputs.to(device, _dtype_of(head)).requires_grad_(True)
             logits = head(leaf)
             loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
             (gradient,) = torch.autograd.grad(loss, leaf)
-        finally:
-            head.train(training)
         return gradient.detach().float().cpu()
 
 
@@ -634,6 +633,9 @@ def cosine_attack_auc(
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` for the ``positive`` examples (the Mann-Whitney
     statistic, ties counted half); 0.5 where one class is absent."""
+    scores, positive = scores.detach().cpu(), positive.detach().cpu().bool()
+    if not torch.isfinite(scores).all():
+        raise ValueError("roc_auc takes finite scores; these hold NaN or infinite values")
     positives = int(positive.sum())
     negatives = len(positive) - positives
     if positives == 0 or negatives == 0:
@@ -649,19 +651,49 @@ def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float(u / (positives * negatives))
 
 
+_EVAL_BATCH = 256
+"""Examples per forward pass where the result does not depend on the batch (eval mode): bounds
+the memory of a large server half."""
+
+
 def _eval_outputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """``module``'s outputs for ``inputs`` in eval mode, on its device, back as float32 on the
-    CPU; its mode is left as it was."""
-    training = module.training
-    module.eval()
+    """``module``'s outputs for ``inputs`` in eval mode, on its device and in its dtype, back as
+    float32 on the CPU; its modes are left as they were."""
+    device, dtype = _device_of(module), _dtype_of(module)
+    outputs = []
+    with torch.no_grad(), _in_mode(module, training=False):
+        for batch in torch.split(inputs, _EVAL_BATCH):
+            output = module(batch.to(device, dtype))
+            if not isinstance(output, torch.Tensor):
+                raise _NotATensor(output)
+            outputs.append(output.float().cpu())
+    return torch.cat(outputs)
+
+
+@contextlib.contextmanager
+def _in_mode(module: nn.Module, *, training: bool) -> Iterator[None]:
+    """Run ``module`` in training or eval mode, then give every submodule back its own mode (a
+    frozen BatchNorm inside a training model stays frozen)."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    module.train(training)
     try:
-        with torch.no_grad():
-            outputs = module(inputs.to(_device_of(module)))
+        yield
     finally:
-        module.train(training)
-    if not isinstance(outputs, torch.Tensor):
-        raise _NotATensor(outputs)
-    return outputs.float().cpu()
+        for submodule, mode in modes.items():
+            submodule.training = mode
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with the CPU generator (and ``device``'s, for a CUDA device) seeded with ``seed``,
+    then restore them. Only those: ``torch.manual_seed`` would also reseed every accelerator's
+    generator for good."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _recovered_text(estimate: LeakageEstimate) -> str:
@@ -681,6 +713,13 @@ def _device_of(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
 
 
 def _describe(value: object) -> str:

@@ -357,6 +357,56 @@ def test_attacking_labels_leaves_the_server_half_the_head_and_the_random_state_a
             assert torch.equal(value, before[name][key]), (name, key)
 
 
+def test_labels_of_any_integer_dtype_are_attacked_alike():
+    inputs, labels = labelled_inputs()
+    server_half = identity_server_half()
+    estimates = []
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        monitor = LeakageMonitor(
+            auxiliary_inputs=inputs, auxiliary_labels=labels.to(dtype), steps_per_round=20
+        )
+        monitor.bind(nn.Identity(), activation_shape=(FEATURES,), server_half=server_half)
+        estimate = monitor.measure(1, nn.Identity(), server_half=server_half, client_head=None)
+        estimates.append((estimate.label_surrogate, estimate.label_cosine_auc))
+    assert estimates[1:] == estimates[:1] * 2
+
+
+def test_watching_reseeds_no_accelerator_generator(monkeypatch):
+    # torch.manual_seed would reseed every CUDA generator for good (and so change training on
+    # an accelerator); the monitor seeds only the CPU generator it forks.
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    server_half = identity_server_half()
+    monitor, client_half = label_private_monitor(server_half, steps_per_round=2)
+    monitor.measure(1, client_half, server_half=server_half, client_head=class_head())
+    assert reseeded == []
+
+
+def test_a_frozen_submodule_keeps_its_mode():
+    # BatchNorm frozen (eval) inside models in training mode, as fine-tuning code does.
+    client_half = nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES))
+    server_half = nn.Sequential(selector(FEATURES, OUTPUTS), nn.BatchNorm1d(OUTPUTS))
+    head = nn.Sequential(nn.BatchNorm1d(OUTPUTS), selector(OUTPUTS, CLASSES))
+    frozen = (client_half[1], server_half[1], head[0])
+    for module in frozen:
+        module.eval()
+    inputs, labels = labelled_inputs()
+    monitor = LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels, steps_per_round=2)
+    monitor.bind(client_half, activation_shape=(FEATURES,), server_half=server_half)
+    monitor.measure(1, client_half, server_half=server_half, client_head=head)
+    assert client_half.training and server_half.training and head.training
+    assert not any(module.training for module in frozen)
+
+
+def test_roc_auc_takes_zero_one_labels_and_refuses_nan_scores():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    as_bool = torch.tensor([False, False, True, True])
+    assert roc_auc(scores, as_bool.long()) == roc_auc(scores, as_bool) == 0.75
+    with pytest.raises(ValueError, match="finite scores"):
+        roc_auc(torch.tensor([0.1, float("nan")]), torch.tensor([True, False]))
+
+
 def test_label_attacks_refuse_what_they_cannot_score():
     inputs, labels = labelled_inputs()
     with pytest.raises(ValueError, match="label_threshold needs auxiliary_labels"):
@@ -367,6 +417,10 @@ def test_label_attacks_refuse_what_they_cannot_score():
         monitor.measure(1, client_half)
     with pytest.raises(ValueError, match="the client head has 2 outputs"):
         monitor.measure(1, client_half, server_half=server_half, client_head=nn.Linear(OUTPUTS, 2))
+    with pytest.raises(ValueError, match="label_threshold applies to the label-private split"):
+        LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels, label_threshold=0.5).bind(
+            client_half, activation_shape=(FEATURES,)
+        )
     plain = LeakageMonitor(auxiliary_inputs=inputs, auxiliary_labels=labels)
     plain.bind(client_half, activation_shape=(FEATURES,))
     with pytest.raises(ValueError, match="exactly when bind"):
