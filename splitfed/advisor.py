@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._state import modes_kept
 from .graph import CutError, cut_graph, cut_points
 
 __all__ = ["WHOLE_MODEL", "CutCost", "cut_costs"]
@@ -355,19 +356,15 @@ def _grads_kept(module: nn.Module) -> Iterator[None]:
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Run passes in train mode and put back the model's modes and buffers afterwards (a
     BatchNorm in train mode updates its running statistics), and the CPU random state."""
-    modes = {module: module.training for module in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    model.train()
     try:
         # Dropout draws from a forked generator: the caller's random state is left alone.
-        with torch.random.fork_rng(devices=[]):
+        with modes_kept(model, training=True), torch.random.fork_rng(devices=[]):
             yield
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-        for module, training in modes.items():
-            module.training = training
 
 
 def _arguments(sample_input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -12,17 +12,17 @@ and the unsplit model (:meth:`SplitModel.full_model`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._state import modes_kept
 from .graph import CutError, CutPoint, cut_graph, cut_points, materialize
 from .wire import WireFormatError, wire_dtype_name
 
@@ -411,7 +411,7 @@ def _connect(
     client_half, server_half, *head = parts
     client_head = head[0] if head else None
     batch = _batch_size(sample_input)
-    with _eval_mode(parts), torch.no_grad():
+    with modes_kept(*parts, training=False), torch.no_grad():
         try:
             activations = _call(client_half, sample_input)
         except Exception as err:
@@ -493,7 +493,7 @@ def _check_aux_head(split: SplitModel, aux_head: nn.Module) -> None:
     parameter = next(aux_head.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     sample = torch.zeros((2, *split.activation_shape), dtype=split.activation_dtype, device=device)
-    with _eval_mode([aux_head]), torch.no_grad():
+    with modes_kept(aux_head, training=False), torch.no_grad():
         try:
             outputs = aux_head(sample)
         except Exception as err:
@@ -507,19 +507,6 @@ def _check_aux_head(split: SplitModel, aux_head: nn.Module) -> None:
             "the auxiliary head must map a batch of activations to one tensor with the batch "
             f"dimension first (what the client's loss takes); it returns {_describe(outputs)}"
         )
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Put ``modules`` in eval mode for a probe, then restore each one's own mode."""
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)
 
 
 def _call(module: nn.Module, inputs: ModelInput) -> Any:

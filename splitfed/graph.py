@@ -25,6 +25,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ._state import modes_kept
+
 __all__ = [
     "CutError",
     "CutPoint",
@@ -550,14 +552,12 @@ def _propagate(
     real_error: Exception | None = None
     if not _on_meta(model):
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
-                states = {module: module.training for module in model.modules()}
-                model.eval()
-                try:
-                    return _record(model, graph, inputs, constants)
-                finally:
-                    for module, mode in states.items():
-                        module.training = mode
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=_cuda_devices(model)),
+                modes_kept(model, training=False),
+            ):
+                return _record(model, graph, inputs, constants)
         except Exception as real_err:
             real_error = real_err
     try:

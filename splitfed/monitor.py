@@ -36,11 +36,9 @@ split server's process ``steps_per_round`` decoder steps a measured round, timed
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -48,6 +46,7 @@ import torch
 from flwr.supercore import log
 from torch import nn
 
+from ._state import modes_kept, seeded
 from .privacy import PrivacyConfig
 
 __all__ = ["LEAKAGE_ACTIONS", "LeakageEstimate", "LeakageMonitor", "cosine_attack_auc", "roc_auc"]
@@ -344,7 +343,7 @@ class LeakageMonitor:
         if self._decoder is None:
             # Initialised from the monitor's seed, leaving the process's random state alone:
             # watching a run must not change it.
-            with _seeded(self._seed, torch.device("cpu")):
+            with seeded(self._seed, torch.device("cpu")):
                 self._decoder = nn.Sequential(
                     nn.Flatten(),
                     nn.Linear(math.prod(activation_shape), 512),
@@ -378,7 +377,7 @@ class LeakageMonitor:
                 "labels' leakage is not estimated; pass the auxiliary inputs' class ids",
             )
             return
-        with _seeded(self._seed, torch.device("cpu")):
+        with seeded(self._seed, torch.device("cpu")):
             self._surrogate = nn.Sequential(
                 nn.Flatten(), nn.Linear(math.prod(outputs.shape[1:]), int(self._labels.max()) + 1)
             )
@@ -506,7 +505,7 @@ class LeakageMonitor:
         batches = torch.tensor_split(inputs, max(1, len(inputs) // self.client_batch_size))
         seed = int(torch.randint(2**62, (), generator=self._generator))
         try:
-            with torch.no_grad(), _in_mode(client_half, training=True), _seeded(seed, device):
+            with torch.no_grad(), modes_kept(client_half, training=True), seeded(seed, device):
                 released = []
                 for batch in batches:
                     activations = client_half(batch.to(device))
@@ -606,7 +605,7 @@ class LeakageMonitor:
         """Each example's gradient of the cross-entropy at the server half's output, through
         ``head`` in eval mode: what a client sends up. The head's gradients are not touched."""
         device = _device_of(head)
-        with _in_mode(head, training=False):
+        with modes_kept(head, training=False):
             leaf = outputs.to(device, _dtype_of(head)).requires_grad_(True)
             logits = head(leaf)
             loss = nn.functional.cross_entropy(logits.float(), labels.to(device), reduction="sum")
@@ -661,39 +660,13 @@ def _eval_outputs(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     float32 on the CPU; its modes are left as they were."""
     device, dtype = _device_of(module), _dtype_of(module)
     outputs = []
-    with torch.no_grad(), _in_mode(module, training=False):
+    with torch.no_grad(), modes_kept(module, training=False):
         for batch in torch.split(inputs, _EVAL_BATCH):
             output = module(batch.to(device, dtype))
             if not isinstance(output, torch.Tensor):
                 raise _NotATensor(output)
             outputs.append(output.float().cpu())
     return torch.cat(outputs)
-
-
-@contextlib.contextmanager
-def _in_mode(module: nn.Module, *, training: bool) -> Iterator[None]:
-    """Run ``module`` in training or eval mode, then give every submodule back its own mode (a
-    frozen BatchNorm inside a training model stays frozen)."""
-    modes = {submodule: submodule.training for submodule in module.modules()}
-    module.train(training)
-    try:
-        yield
-    finally:
-        for submodule, mode in modes.items():
-            submodule.training = mode
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with the CPU generator (and ``device``'s, for a CUDA device) seeded with ``seed``,
-    then restore them. Only those: ``torch.manual_seed`` would also reseed every accelerator's
-    generator for good."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def _recovered_text(estimate: LeakageEstimate) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._state import modes_kept
 from .cut import ModelInput, SplitModel
 from .dataplane import DataPlane, LocalLossDataPlane, SplitServerError
 from .privacy import PrivacyConfig, distance_correlation
@@ -531,11 +532,8 @@ def evaluate_locally(
     device = _device(split)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     unpack = _unpacker(batch)
-    modes = [module.training for module in split.client_modules()]
-    for module in split.client_modules():
-        module.eval()
     stats = EvaluateStats()
-    try:
+    with modes_kept(*split.client_modules(), training=False):
         for step, (inputs, labels) in enumerate(_batches(loader, unpack, device), start=1):
             activations = _call(split.client_half, inputs)
             if split.client_head is None:
@@ -548,7 +546,4 @@ def evaluate_locally(
             stats.num_examples += len(labels)
             stats.loss_sum += loss * len(labels)
             stats.correct += correct
-    finally:
-        for module, mode in zip(split.client_modules(), modes, strict=True):
-            module.train(mode)
     return stats
