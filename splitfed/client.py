@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
+from ._state import seeded
 from .config import OptimizerConfig, Variant, load_optimizer_state, save_optimizer_state
 from .cut import SplitModel
 from .dataplane import GrpcDataPlane
@@ -451,8 +452,7 @@ def _load_client_parts(
 def _initialise_head(head: torch.nn.Module, seed: int) -> None:
     """Give a client head kept on the node its first weights, drawn from the client's secret:
     the server, which built the model, does not know them."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
+    with seeded(seed), torch.no_grad():
         for module in head.modules():
             owned = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
             if not owned:

@@ -173,3 +173,23 @@ def test_noise_follows_the_clients_secret_not_torchs_global_generator(split_serv
     first = trained(None, node)
     assert STATE_SECRET_KEY in node.state.config_records
     assert all(torch.equal(first[k], v) for k, v in trained(None, node).items())
+
+
+def test_a_kept_head_is_drawn_from_the_secret_without_reseeding_any_generator(monkeypatch):
+    from torch import nn
+
+    from splitfed.client import _initialise_head
+
+    heads = [nn.Linear(8, 3) for _ in range(3)]
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    for head, seed in zip(heads, (11, 11, 12), strict=True):
+        _initialise_head(head, seed)
+    assert torch.equal(torch.rand(3), expected)  # the CPU generator forked and restored
+    assert reseeded == []  # no accelerator generator touched
+    assert torch.equal(heads[0].weight, heads[1].weight)
+    assert not torch.equal(heads[0].weight, heads[2].weight)
